@@ -1,0 +1,15 @@
+"""Shared pytest setup. Each pipeline area keeps its session fixtures in `tests/fixtures_<area>.py`
+(owned by that area) and they are all registered here, so any test can use any fixture:
+e.g. `tiny_ckpt_dir` (checkpoint), `cpu_engines_dir` (build), `triton_server` (triton), `api_server` (server).
+"""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = [
+    "tests.fixtures_checkpoint",
+    "tests.fixtures_build",
+    "tests.fixtures_triton",
+    "tests.fixtures_server",
+]
