@@ -184,3 +184,17 @@ def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}' (choose from {', '.join(sorted(PRESETS))})")
     return copy.deepcopy(PRESETS[name])
+
+
+# generation_config.json of the config-only presets (the tiny writer derives its ids from its tokenizer).
+# 12B: stop on <SPECIAL_12> (id 12, the training --eos-id) and </s> (id 2); spec §5.
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    "12b-config": {"bos_token_id": 1, "eos_token_id": [12, 2], "pad_token_id": 0},
+}
+
+
+def preset_generation_config(name: str) -> dict[str, Any]:
+    """A deep copy of a config-only preset's generation_config.json dict."""
+    if name not in GENERATION_PRESETS:
+        raise KeyError(f"preset '{name}' has no fixed generation config (its ids come from its tokenizer)")
+    return copy.deepcopy(GENERATION_PRESETS[name])

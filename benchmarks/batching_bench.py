@@ -1,0 +1,168 @@
+"""Continuous batching on the PyTorch reference engine: output-token throughput with 8 requests in
+flight vs 1, same prompts and lengths.
+
+Direct: `ReferenceEngine` in this process (no server). Each request generates exactly
+`max_new_tokens` tokens (the engine gets no EOS ids), so both runs do the same work. A closed loop
+keeps `concurrency` requests in the engine: when one finishes the next is added before the next
+`step()` (that is continuous batching; with equal lengths the batch refills in waves).
+
+Optional: the same comparison through Triton (`triton_url`), text-only requests with `ignore_eos`.
+
+Run alone: `python -m benchmarks.batching_bench --checkpoint DIR [--triton HOST:PORT]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, machine_info, summarize, utc_now, write_json
+
+TARGET_SPEEDUP = 4.0  # issue 8: throughput at concurrency 8 ≥ 4 × concurrency 1
+_PROMPTS = (
+    "Summarize the key points of the attached quarterly report in three sentences.",
+    "What is the total amount due on this invoice, and when is it due?",
+    "List every item on the receipt with its price.",
+    "Explain what the chart shows about revenue growth between 2019 and 2023.",
+    "Translate the heading of the manual page into French.",
+    "Which step of the assembly instructions uses the smallest screw?",
+    "Describe the layout of the form and the fields a user must fill in.",
+    "Is the signature on the contract dated before or after the effective date?",
+)
+
+
+def _load_engine(checkpoint: Path) -> tuple[Any, Any, list[list[int]]]:
+    """Load the checkpoint into a ReferenceEngine without EOS ids. Returns (engine, SamplingParams, prompts)."""
+    from nemovl_trt.checkpoint.loader import load_checkpoint
+    from nemovl_trt.model.engine import ReferenceEngine, SamplingParams
+    from nemovl_trt.model.vlm import NemotronVLM
+
+    ckpt = load_checkpoint(checkpoint)
+    model = NemotronVLM.from_checkpoint(ckpt, dtype="float32")
+    engine = ReferenceEngine(model, eos_ids=())
+    bos = [ckpt.tokenizer.bos_id] if ckpt.tokenizer.bos_id is not None else []
+    prompts = [bos + ckpt.tokenizer.encode(p) for p in _PROMPTS]
+    return engine, SamplingParams, prompts
+
+
+def run_engine_loop(engine: Any, sampling_cls: Any, prompts: list[list[int]], concurrency: int,
+                    num_requests: int, max_new_tokens: int, time_budget_s: float) -> dict[str, Any]:
+    """Closed loop over the engine with `concurrency` requests in flight.
+
+    Returns tokens generated, wall seconds, output tokens/s, requests/s, per-step latency (ms) and
+    batch sizes seen. No new request is added after `time_budget_s`; requests in flight finish.
+    """
+    started = 0
+    finished = 0
+    tokens = 0
+    in_flight: set[str] = set()
+    step_ms: list[float] = []
+    batch_sizes: list[int] = []
+    t0 = time.perf_counter()
+    deadline = t0 + time_budget_s
+    while True:
+        while len(in_flight) < concurrency and started < num_requests and time.perf_counter() < deadline:
+            rid = f"r{started}"
+            params = sampling_cls(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                                  seed=started, stop_token_ids=())
+            engine.add(rid, prompts[started % len(prompts)], None, params)
+            in_flight.add(rid)
+            started += 1
+        if not in_flight:
+            break
+        batch_sizes.append(len(in_flight))
+        s0 = time.perf_counter()
+        outputs = engine.step()
+        step_ms.append((time.perf_counter() - s0) * 1e3)
+        for out in outputs:
+            if out.token_id is not None and out.token_id >= 0:
+                tokens += 1
+            if out.finished:
+                in_flight.discard(out.request_id)
+                finished += 1
+    wall = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency, "requests": finished, "max_new_tokens": max_new_tokens,
+        "output_tokens": tokens, "wall_s": wall,
+        "output_token_throughput_tps": tokens / wall if wall > 0 else None,
+        "request_throughput_rps": finished / wall if wall > 0 else None,
+        "step_ms": summarize(step_ms), "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1),
+    }
+
+
+def bench_engine(checkpoint: Path, max_new_tokens: int = 48, requests_c1: int = 4, requests_c8: int = 16,
+                 time_budget_s: float = 40.0, threads: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """Throughput of the reference engine at concurrency 1 and 8 (same prompts, same lengths), once per
+    torch intra-op thread count in `threads`. The first entry is the headline: 1 thread is what the
+    Triton `llm` model runs with (the launcher sets OMP_NUM_THREADS=1)."""
+    import torch
+
+    engine, sampling_cls, prompts = _load_engine(checkpoint)
+    before = torch.get_num_threads()
+    by_threads: dict[str, Any] = {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                run_engine_loop(engine, sampling_cls, prompts, 8, 8, 4, time_budget_s)  # warm-up
+                c1 = run_engine_loop(engine, sampling_cls, prompts, 1, requests_c1, max_new_tokens, time_budget_s)
+                c8 = run_engine_loop(engine, sampling_cls, prompts, 8, requests_c8, max_new_tokens, time_budget_s)
+            by_threads[str(n)] = {"c1": c1, "c8": c8,
+                                  "speedup": c8["output_token_throughput_tps"] / c1["output_token_throughput_tps"]}
+    finally:
+        torch.set_num_threads(before)
+    head = by_threads[str(threads[0])]
+    return {"torch_threads": threads[0], "c1": head["c1"], "c8": head["c8"], "speedup": head["speedup"],
+            "target": TARGET_SPEEDUP, "pass": bool(head["speedup"] >= TARGET_SPEEDUP),
+            "by_threads": by_threads}
+
+
+async def _bench_triton_async(triton_url: str, max_new_tokens: int, requests_c1: int, requests_c8: int,
+                              time_budget_s: float) -> dict[str, Any]:
+    from benchmarks.clients import TritonClient, Workload
+    from benchmarks.loadgen import closed_loop
+
+    workloads = [Workload(name="text", prompt=p, params={"max_tokens": max_new_tokens, "temperature": 0.0,
+                                                           "ignore_eos": True}) for p in _PROMPTS]
+    client = TritonClient(triton_url)
+    try:
+        await client.send(workloads[0])  # warm-up
+        out: dict[str, Any] = {}
+        for conc, n in ((1, requests_c1), (8, requests_c8)):
+            res = await closed_loop(lambda i: client.send(workloads[i % len(workloads)]), conc, n, time_budget_s)
+            out[f"c{conc}"] = res.summary()
+    finally:
+        await client.close()
+    c1 = out["c1"]["output_token_throughput_tps"]
+    out["speedup"] = out["c8"]["output_token_throughput_tps"] / c1 if c1 else None
+    return out
+
+
+def bench_triton(triton_url: str, max_new_tokens: int = 48, requests_c1: int = 4, requests_c8: int = 16,
+                 time_budget_s: float = 40.0) -> dict[str, Any]:
+    """The same comparison through Triton's `nemovl` entry model (gRPC streaming)."""
+    return asyncio.run(_bench_triton_async(triton_url, max_new_tokens, requests_c1, requests_c8, time_budget_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--triton", default=None, help="HOST:PORT of a running Triton gRPC endpoint (optional)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "batching.json")
+    args = ap.parse_args(argv)
+    result: dict[str, Any] = {"benchmark": "batching", "time": utc_now(), "machine": machine_info(),
+                              "engine": bench_engine(args.checkpoint, args.max_new_tokens)}
+    if args.triton:
+        result["triton"] = bench_triton(args.triton, args.max_new_tokens)
+    write_json(args.out, result)
+    print(json.dumps({k: result["engine"][k] for k in ("speedup", "pass")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Serving on the cpu target: throughput, TTFT, ITL and end-to-end latency at several concurrencies
+for text-only, one-image and video requests, through (a) the OpenAI endpoint (OpenAI SDK, streaming)
+and (b) Triton directly (tritonclient gRPC streaming), and the frontend's added latency (a) − (b).
+
+Both paths send the same requests (same prompt, media bytes, greedy sampling, `ignore_eos`, fixed
+`max_tokens`), so they generate the same number of tokens. At concurrency 1 the paths take turns
+request by request (the order rotates) so that load drift from other processes hits all alike, and a
+third path (a') sends the same HTTP requests from plain httpx, to tell the OpenAI SDK's own client
+cost from the frontend's; at higher concurrency each path runs its own closed loop, (b) first.
+
+Run alone against a running stack:
+`python -m benchmarks.serving_bench --openai http://127.0.0.1:8000/v1 --triton 127.0.0.1:8001`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.clients import OpenAIClient, RawSSEClient, TritonClient, Workload
+from benchmarks.common import RESULTS_DIR, machine_info, make_jpeg, make_mp4, utc_now, write_json
+from benchmarks.loadgen import LoadResult, closed_loop
+
+CONCURRENCIES = (1, 4, 16)
+TARGET_OVERHEAD_P50_MS = 2.0  # issue 8: frontend overhead per request, p50
+TARGET_OVERHEAD_PER_TOKEN_MS = 0.2  # issue 8: frontend overhead per streamed token
+IMAGE = {"width": 768, "height": 512}  # 3×2 tiles + thumbnail at the default max_num_tiles
+VIDEO = {"width": 320, "height": 240, "fps": 8, "num_frames": 32}  # 4 s → 8 frames at 2 fps
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Request counts and a wall-clock cap per closed loop (each loop stops at whichever comes first)."""
+
+    rounds_c1: int = 24  # rounds (one request per path) at concurrency 1
+    requests_per_slot: int = 3  # requests per path at concurrency c: max(min_requests, slots · c)
+    min_requests: int = 12
+    loop_time_s: float = 12.0
+    max_tokens: int = 32
+
+
+QUICK = Budget(rounds_c1=4, requests_per_slot=1, min_requests=4, loop_time_s=4.0, max_tokens=8)
+
+
+def build_workloads(max_tokens: int) -> dict[str, Workload]:
+    """The three request shapes: text-only, one image (JPEG), one video (H.264 MP4)."""
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0, "ignore_eos": True}
+    image = make_jpeg(**IMAGE)
+    video = make_mp4(**VIDEO)
+    return {
+        "text": Workload(name="text", prompt="Write a short story about a robot who learns to paint.",
+                         params=params),
+        "image": Workload(name="image", prompt="Describe this image in detail.", images=(image,),
+                          params=params),
+        "video": Workload(name="video", prompt="Describe what happens in this video.", video=video,
+                          params=params),
+    }
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, float | None]:
+    """(a) − (b) of a latency summary at p50 and p99 (ms)."""
+    out: dict[str, float | None] = {}
+    for p in ("p50", "p99"):
+        va, vb = a[key][p], b[key][p]
+        out[p] = (va - vb) if va is not None and vb is not None else None
+    return out
+
+
+def overhead(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Frontend added latency: per request (e2e and TTFT) and per streamed token (ITL), ms."""
+    return {"e2e_ms": _diff(a, b, "e2e_ms"), "ttft_ms": _diff(a, b, "ttft_ms"),
+            "per_token_ms": _diff(a, b, "itl_ms")}
+
+
+async def _interleaved_c1(clients: dict[str, Any], w: Workload, rounds: int,
+                          time_budget_s: float) -> dict[str, LoadResult]:
+    """Concurrency 1 with the paths taking turns request by request (the order rotates every round)."""
+    names = list(clients)
+    recs: dict[str, list[Any]] = {n: [] for n in names}
+    deadline = time.perf_counter() + time_budget_s
+    for i in range(rounds):
+        if time.perf_counter() >= deadline:
+            break
+        k = i % len(names)
+        order = names[k:] + names[:k]
+        if (i // len(names)) % 2:
+            order.reverse()
+        for n in order:
+            recs[n].append(await clients[n].send(w))
+    return {n: LoadResult(1, r, sum(x.e2e_s for x in r)) for n, r in recs.items()}
+
+
+async def _bench_async(openai_url: str, model: str, triton_url: str, concurrencies: tuple[int, ...],
+                       workload_names: tuple[str, ...], budget: Budget, with_raw_sse: bool) -> dict[str, Any]:
+    workloads = build_workloads(budget.max_tokens)
+    oa = OpenAIClient(openai_url, model)
+    tr = TritonClient(triton_url)
+    raw = RawSSEClient(openai_url, model) if with_raw_sse else None
+    runs: list[dict[str, Any]] = []
+    try:
+        for name in workload_names:
+            w = workloads[name]
+            for client in (tr, oa, *([raw] if raw is not None else [])):  # warm-up: first-request costs stay out of the numbers
+                r = await client.send(w)
+                if not r.ok:
+                    raise RuntimeError(f"warm-up {name} request via {type(client).__name__} failed: {r.error}")
+            for c in concurrencies:
+                extra: dict[str, Any] = {}
+                if c == 1:
+                    paths = {"openai": oa, "triton": tr, **({"raw_sse": raw} if raw is not None else {})}
+                    res = await _interleaved_c1(paths, w, budget.rounds_c1, budget.loop_time_s * len(paths))
+                    res_a, res_b = res["openai"], res["triton"]
+                    if "raw_sse" in res:
+                        s_raw = res["raw_sse"].summary()
+                        extra = {"raw_sse": s_raw, "frontend_overhead_raw_sse": overhead(s_raw, res_b.summary())}
+                else:
+                    n = max(budget.min_requests, budget.requests_per_slot * c)
+                    res_b = await closed_loop(lambda i, w=w: tr.send(w), c, n, budget.loop_time_s)
+                    res_a = await closed_loop(lambda i, w=w: oa.send(w), c, n, budget.loop_time_s)
+                sa, sb = res_a.summary(), res_b.summary()
+                row = {"workload": name, "concurrency": c, "openai": sa, "triton": sb,
+                       "frontend_overhead": overhead(sa, sb), **extra}
+                runs.append(row)
+                print(f"[serving] {name:5s} c={c:<2d} "
+                      f"rps a={sa['request_throughput_rps']:.2f} b={sb['request_throughput_rps']:.2f}  "
+                      f"ttft p50 a={_fmt(sa['ttft_ms']['p50'])} b={_fmt(sb['ttft_ms']['p50'])} ms  "
+                      f"e2e p50 a={_fmt(sa['e2e_ms']['p50'])} b={_fmt(sb['e2e_ms']['p50'])} ms  "
+                      f"errors a={sa['errors']} b={sb['errors']}", flush=True)
+    finally:
+        await oa.close()
+        await tr.close()
+        if raw is not None:
+            await raw.close()
+    return {"runs": runs, "targets": evaluate_targets(runs)}
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def evaluate_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """PASS/FAIL of the issue's targets, judged at concurrency 1 per workload (the frontend's own cost,
+    not queueing); the headline is text-only."""
+    checks: dict[str, Any] = {}
+    for row in runs:
+        if row["concurrency"] != 1:
+            continue
+        ov = row["frontend_overhead"]
+        per_req, per_tok = ov["e2e_ms"]["p50"], ov["per_token_ms"]["p50"]
+        checks[row["workload"]] = {
+            "overhead_p50_ms": per_req, "overhead_p99_ms": ov["e2e_ms"]["p99"],
+            "per_token_p50_ms": per_tok, "per_token_p99_ms": ov["per_token_ms"]["p99"],
+            "raw_sse_overhead_p50_ms": (row.get("frontend_overhead_raw_sse") or {}).get("e2e_ms", {}).get("p50"),
+            "raw_sse_per_token_p50_ms": (row.get("frontend_overhead_raw_sse") or {}).get("per_token_ms", {}).get("p50"),
+            "request_pass": per_req is not None and per_req <= TARGET_OVERHEAD_P50_MS,
+            "token_pass": per_tok is not None and per_tok <= TARGET_OVERHEAD_PER_TOKEN_MS,
+        }
+    return {"overhead_p50_ms_max": TARGET_OVERHEAD_P50_MS,
+            "per_token_ms_max": TARGET_OVERHEAD_PER_TOKEN_MS, "by_workload": checks}
+
+
+def bench_serving(openai_url: str, model: str, triton_url: str,
+                  concurrencies: tuple[int, ...] = CONCURRENCIES,
+                  workload_names: tuple[str, ...] = ("text", "image", "video"),
+                  budget: Budget | None = None, with_raw_sse: bool = True) -> dict[str, Any]:
+    """Run every (workload, concurrency) on both paths; returns runs, overheads and target checks.
+
+    With `with_raw_sse`, concurrency 1 also runs a third path — the same HTTP requests from plain httpx
+    (RawSSEClient) — to separate the OpenAI SDK's client-side cost from the frontend's.
+    """
+    budget = budget or Budget()
+    out = asyncio.run(_bench_async(openai_url, model, triton_url, concurrencies, workload_names, budget,
+                                   with_raw_sse))
+    return {"budget": budget.__dict__, "image": IMAGE, "video": VIDEO, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--openai", required=True, help="base URL of the frontend, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--model", default="nvidia/nemotron-nano-12b-v2-vl")
+    ap.add_argument("--triton", required=True, help="HOST:PORT of Triton's gRPC endpoint")
+    ap.add_argument("--quick", action="store_true", help="tiny request counts (smoke run)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "serving.json")
+    args = ap.parse_args(argv)
+    result = {"benchmark": "serving", "time": utc_now(), "machine": machine_info(),
+              **bench_serving(args.openai, args.model, args.triton, budget=QUICK if args.quick else None)}
+    write_json(args.out, result)
+    print(json.dumps(result["targets"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

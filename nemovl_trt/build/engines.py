@@ -1,0 +1,362 @@
+"""`nemovl-build engines`: checkpoint → engines dir for one target, step by step, skipping up-to-date steps.
+
+Steps (each records a fingerprint = sha256 of its input files' hashes + its options in `.build_state.json`;
+a step whose fingerprint is unchanged and whose recorded outputs are untouched is skipped; `force` rebuilds):
+  vision_onnx    VisionEncoder → vision/model.onnx (target vision precision baked in)
+  vision_check   ONNX Runtime vs PyTorch on random tiles; fails the build over the target's tolerance
+  vision_engine  GPU targets: TensorRT plan vision/model.plan (+ vision/timing.cache)
+  llm_weights    llm/: cpu: the checkpoint (linked); GPU: BF16 linked, FP8/NVFP4 validated or ModelOpt
+  llm_options    GPU targets: llm/llm_api_options.yaml from the memory plan
+  tokenizer      tokenizer/: the tokenizer files
+  manifest       manifest.json (what the Triton generator reads)
+A GPU step on a machine without a GPU of the target's architecture is reported, the steps that do not
+depend on it still run, and the build ends with `GpuUnavailable` (no manifest is written).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from nemovl_trt.build import manifest as mf
+from nemovl_trt.build import onnx_export as ox
+from nemovl_trt.build import trtllm_bundle as tb
+from nemovl_trt.build.plan import MemoryPlan, plan_memory
+from nemovl_trt.build.targets import TargetConfig
+from nemovl_trt.build.tensorrt_build import GpuUnavailable, TrtProfile, build_vision_engine, tensorrt_version
+from nemovl_trt.checkpoint.config import VLMConfig, load_vlm_config
+
+BUILD_FORMAT_VERSION = 1  # bump when a step's outputs change for the same inputs/options
+STATE_FILE = ".build_state.json"
+VISION_ONNX = "vision/model.onnx"
+VISION_PLAN = "vision/model.plan"
+VISION_TIMING_CACHE = "vision/timing.cache"
+ONNX_CHECK_FILE = "vision/onnx_check.json"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+CHECK_BATCHES = (1, 3)
+CHECK_SEED = 0
+
+
+class BuildError(RuntimeError):
+    """A build step failed for a reason the user can fix (message is one sentence)."""
+
+
+@dataclass
+class BuildReport:
+    """What happened: per step 'built' | 'skipped' | 'needs_gpu' | 'blocked'."""
+
+    out_dir: Path
+    statuses: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    gpu_errors: list[str] = field(default_factory=list)
+    plan: MemoryPlan | None = None
+    onnx_check: dict[str, Any] | None = None
+
+    @property
+    def all_skipped(self) -> bool:
+        return all(s == "skipped" for s in self.statuses.values())
+
+
+class _State:
+    """`.build_state.json`: per step fingerprint/outputs/info, plus a sha256 cache keyed by (size, mtime)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                data = {}
+        if data.get("version") != BUILD_FORMAT_VERSION:
+            data = {}
+        self.steps: dict[str, Any] = data.get("steps", {})
+        self.hashes: dict[str, list] = data.get("hashes", {})
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = str(path.resolve())
+        cached = self.hashes.get(key)
+        if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        digest = mf.sha256_file(path)
+        self.hashes[key] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": BUILD_FORMAT_VERSION, "steps": self.steps, "hashes": self.hashes},
+                                  indent=1, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def _fingerprint(name: str, input_hashes: dict[str, str], options: dict[str, Any]) -> str:
+    import hashlib
+
+    blob = json.dumps({"step": name, "version": BUILD_FORMAT_VERSION, "inputs": input_hashes, "options": options},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Runner:
+    """Runs steps in order with progress, up-to-date checks and GPU-failure bookkeeping."""
+
+    def __init__(self, out: Path, force: bool, total: int, log: Callable[[str], None]):
+        self.out = out
+        self.force = force
+        self.state = _State(out / STATE_FILE)
+        self.log = log
+        self.report = BuildReport(out_dir=out)
+        self.bar = tqdm(total=total, desc="engines", unit="step", leave=False)
+
+    def _outputs_intact(self, rec: dict[str, Any]) -> bool:
+        for rel, (size, mtime) in rec.get("outputs", {}).items():
+            p = self.out / rel
+            if not p.is_file():
+                return False
+            st = p.stat()
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                return False
+        return True
+
+    def step(self, name: str, inputs: dict[str, Path], options: dict[str, Any],
+             run: Callable[[], tuple[list[Path], dict[str, Any]]], needs: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """Run (or skip) one step. `inputs` maps a stable label to a file; `run` returns (output files, info).
+        Returns the step's info (fresh or recorded), or None when it could not run here."""
+        self.bar.set_description(name)
+        try:
+            blocked = [n for n in needs if self.report.statuses.get(n) in ("needs_gpu", "blocked")]
+            if blocked:
+                self.report.statuses[name] = "blocked"
+                self.log(f"[{name}] not run: needs {', '.join(blocked)}")
+                return None
+            hashes = {label: self.state.sha256(p) for label, p in sorted(inputs.items())}
+            fp = _fingerprint(name, hashes, options)
+            rec = self.state.steps.get(name)
+            if not self.force and rec and rec.get("fingerprint") == fp and self._outputs_intact(rec):
+                self.report.statuses[name] = "skipped"
+                self.log(f"[{name}] up to date, skipped")
+                return rec.get("info", {})
+            t0 = time.perf_counter()
+            try:
+                outputs, info = run()
+            except GpuUnavailable as e:
+                self.report.statuses[name] = "needs_gpu"
+                self.report.gpu_errors.append(str(e))
+                self.state.steps.pop(name, None)
+                self.log(f"[{name}] not run: {e}")
+                return None
+            secs = time.perf_counter() - t0
+            outs = {}
+            for p in outputs:
+                st = p.stat()
+                outs[str(p.relative_to(self.out))] = [st.st_size, st.st_mtime_ns]
+                self.state.sha256(p)
+            info = {**info, "seconds": round(secs, 3)}
+            self.state.steps[name] = {"fingerprint": fp, "outputs": outs, "info": info}
+            self.state.save()
+            self.report.statuses[name] = "built"
+            self.log(f"[{name}] built in {secs:.1f} s")
+            return info
+        finally:
+            self.bar.update(1)
+
+    def output_hashes(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for rec in self.state.steps.values():
+            for rel in rec.get("outputs", {}):
+                if rel != mf.MANIFEST_FILE:
+                    out[rel] = self.state.sha256(self.out / rel)
+        return dict(sorted(out.items()))
+
+
+def _checkpoint_inputs(ckpt: Path, files: list[Path]) -> dict[str, Path]:
+    return {f"checkpoint/{p.name}": p for p in files}
+
+
+def _weights_and_configs(ckpt: Path) -> list[Path]:
+    """config/preprocessor files and the safetensors weights (+ index) of a checkpoint."""
+    return [p for p in tb.checkpoint_files(ckpt)
+            if p.suffix == ".safetensors" or p.name in ("config.json", "preprocessor_config.json",
+                                                        "model.safetensors.index.json")]
+
+
+def build_engines(ckpt_dir: str | Path, target: TargetConfig, out_dir: str | Path, force: bool = False,
+                  model_id: str = mf.DEFAULT_MODEL_ID, log: Callable[[str], None] = print) -> BuildReport:
+    """Build the engines dir for `target` from a checkpoint. Raises BuildError for user-fixable failures;
+    GPU steps that cannot run here are listed in `report.gpu_errors` (the caller exits non-zero)."""
+    t_start = time.perf_counter()
+    ckpt = Path(ckpt_dir)
+    out = Path(out_dir)
+    cfg: VLMConfig = load_vlm_config(ckpt)
+    plan = plan_memory(cfg, target)
+    if plan.max_batch_size < 1:
+        raise BuildError(f"target {target.name}: weights ({plan.weights_bytes / 1e9:.2f} GB) and activations "
+                         f"({plan.activation_bytes / 1e9:.2f} GB) leave no room for one sequence of "
+                         f"{plan.max_seq_len} tokens in the {plan.memory_budget_bytes / 1e9:.2f} GB budget.")
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = target.is_gpu
+    run = _Runner(out, force, total=7 if gpu else 5, log=log)
+    run.report.plan = plan
+    encoder_cache: dict[str, Any] = {}
+
+    def encoder() -> Any:
+        if "enc" not in encoder_cache:
+            encoder_cache["enc"] = ox.load_vision_encoder(ckpt)[1]
+        return encoder_cache["enc"]
+
+    ckpt_weights = _checkpoint_inputs(ckpt, _weights_and_configs(ckpt))
+    onnx_path = out / VISION_ONNX
+
+    # (a) vision encoder → ONNX
+    def do_export() -> tuple[list[Path], dict[str, Any]]:
+        for stale in onnx_path.parent.glob("model.onnx*"):
+            stale.unlink()
+        ox.export_vision_onnx(cfg, encoder(), onnx_path, target.vision_precision, target.vision.opset)
+        files = sorted(onnx_path.parent.glob("model.onnx*"))  # + external data when > 2 GB
+        return files, {"precision": target.vision_precision, "opset": target.vision.opset}
+
+    import torch
+
+    run.step("vision_onnx", ckpt_weights,
+             {"precision": target.vision_precision, "opset": target.vision.opset, "exporter": "torchscript",
+              "torch": torch.__version__, "tile": cfg.force_image_size}, do_export)
+
+    # (a') ONNX Runtime vs PyTorch
+    def do_check() -> tuple[list[Path], dict[str, Any]]:
+        check = ox.check_vision_onnx(cfg, encoder(), onnx_path, target.vision.max_abs_error, CHECK_BATCHES,
+                                     CHECK_SEED)
+        log(f"[vision_check] ONNX Runtime vs PyTorch on {'+'.join(map(str, CHECK_BATCHES))} random tiles: "
+            f"max abs error {check.max_abs_error:.3e} (tolerance {check.tolerance:.1e}, "
+            f"max |reference| {check.max_abs_reference:.3e})")
+        if not check.passed:
+            raise BuildError(f"the vision ONNX graph differs from PyTorch by {check.max_abs_error:.3e}, over target "
+                             f"{target.name}'s tolerance vision.max_abs_error = {check.tolerance:.1e}.")
+        path = out / ONNX_CHECK_FILE
+        path.write_text(json.dumps(check.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return [path], check.to_dict()
+
+    onnx_inputs = {f"out/{p.name}": p for p in sorted(onnx_path.parent.glob("model.onnx*"))}
+    check_info = run.step("vision_check", {**onnx_inputs, **ckpt_weights},
+                          {"tolerance": target.vision.max_abs_error, "batches": list(CHECK_BATCHES),
+                           "seed": CHECK_SEED}, do_check, needs=("vision_onnx",))
+    if check_info is not None and run.report.statuses.get("vision_check") == "skipped":
+        log(f"[vision_check] recorded max abs error {check_info['max_abs_error']:.3e} "
+            f"(tolerance {check_info['tolerance']:.1e})")
+    run.report.onnx_check = check_info
+
+    # (b) TensorRT plan
+    per_image = target.limits.max_num_tiles + (1 if cfg.use_thumbnail and target.limits.max_num_tiles > 1 else 0)
+    profile = TrtProfile(min_tiles=1, opt_tiles=min(per_image, plan.vision_max_batch_tiles),
+                         max_tiles=plan.vision_max_batch_tiles)
+    if gpu:
+        def do_trt() -> tuple[list[Path], dict[str, Any]]:
+            build_vision_engine(target, onnx_path, out / VISION_PLAN, out / VISION_TIMING_CACHE, ox.INPUT_NAME,
+                                cfg.force_image_size, profile)
+            return [out / VISION_PLAN, out / VISION_TIMING_CACHE], {"profile": profile.__dict__}
+
+        run.step("vision_engine", onnx_inputs, {"arch": target.arch, "profile": profile.__dict__,
+                                                "tensorrt": tensorrt_version()}, do_trt, needs=("vision_check",))
+
+    # (c) LLM bundle
+    llm_dir = out / LLM_DIR
+    all_files = tb.checkpoint_files(ckpt)
+
+    def do_llm() -> tuple[list[Path], dict[str, Any]]:
+        prec = target.llm_precision
+        if not gpu:  # the reference engine casts on load
+            return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+        if prec in ("bf16", "fp32"):
+            dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[prec]
+            if tb.float_dtypes(ckpt) == {tb.SAFETENSORS_DTYPE[prec]}:
+                return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+            files = tb.convert_checkpoint_dtype(ckpt, llm_dir, dtype_name)
+            return files, {"source": f"converted to {dtype_name}", "precision": prec}
+        if tb.quantization_info(ckpt) is not None:
+            info = tb.validate_quantized_checkpoint(ckpt, cfg, prec)
+            return tb.link_files(all_files, llm_dir), {**info, "precision": prec}
+        info = tb.quantize_with_modelopt(target, ckpt, llm_dir, prec)
+        files = [p for p in tb.checkpoint_files(llm_dir) if p.name != tb.LLM_API_OPTIONS_FILE]
+        return files, {**info, "precision": prec}
+
+    llm_info = run.step("llm_weights", _checkpoint_inputs(ckpt, all_files),
+                        {"precision": target.llm_precision, "gpu": gpu}, do_llm)
+    if gpu:
+        run.step("llm_options", {}, {"options": tb.llm_api_options(target, plan)},
+                 lambda: ([tb.write_llm_api_options(target, plan, llm_dir)], {}))
+
+    tok_files = tb.tokenizer_files(ckpt)
+    if not tok_files:
+        raise BuildError(f"{ckpt} has no tokenizer files ({', '.join(tb.TOKENIZER_FILES[:2])}).")
+    run.step("tokenizer", _checkpoint_inputs(ckpt, tok_files), {},
+             lambda: (tb.link_files(tok_files, out / TOKENIZER_DIR), {}))
+
+    # (d) manifest
+    if run.report.gpu_errors:
+        run.report.statuses["manifest"] = "blocked"
+        run.bar.close()
+        run.report.seconds = time.perf_counter() - t_start
+        return run.report
+
+    input_hashes = {p.name: run.state.sha256(p) for p in all_files}
+    manifest = _manifest(cfg, target, plan, model_id, check_info or {}, llm_info or {}, profile,
+                         input_hashes, run.output_hashes(), run.state.steps)
+
+    def do_manifest() -> tuple[list[Path], dict[str, Any]]:
+        return [mf.write_manifest(out, manifest)], {}
+
+    run.step("manifest", {}, {"manifest": manifest}, do_manifest)
+    run.bar.close()
+    run.report.seconds = time.perf_counter() - t_start
+    return run.report
+
+
+def _manifest(cfg: VLMConfig, target: TargetConfig, plan: MemoryPlan, model_id: str, check: dict[str, Any],
+              llm_info: dict[str, Any], profile: TrtProfile, inputs: dict[str, str], outputs: dict[str, str],
+              steps: dict[str, Any]) -> dict[str, Any]:
+    """The manifest body (deterministic for the same build: no wall-clock timestamps)."""
+    gpu = target.is_gpu
+    lim = target.limits
+    return {
+        "manifest_version": mf.MANIFEST_VERSION,
+        "model_id": model_id,
+        "target": {"name": target.name, "description": target.description, "arch": target.arch, "gpu": gpu,
+                   "gpu_memory_gib": target.gpu_memory_gib, "hbm_bandwidth_gbps": target.hbm_bandwidth_gbps},
+        "precisions": {"llm": target.llm_precision, "vision": target.vision_precision,
+                       "kv_cache": target.kv_cache_dtype, "mamba_ssm_cache": target.trtllm.mamba_ssm_cache_dtype},
+        "limits": {"max_batch_size": plan.engine_max_batch_size, "max_batch_size_fit": plan.max_batch_size,
+                   "max_batch_size_configured": lim.max_batch_size, "max_num_tokens": lim.max_num_tokens,
+                   "max_seq_len": plan.max_seq_len, "max_num_tiles": lim.max_num_tiles,
+                   "max_images": lim.max_images, "max_video_frames": lim.max_video_frames,
+                   "vision_max_batch_tiles": plan.vision_max_batch_tiles},
+        "paths": {"vision_onnx": VISION_ONNX, "vision_plan": VISION_PLAN if gpu else None,
+                  "onnx_check": ONNX_CHECK_FILE, "llm_dir": LLM_DIR,
+                  "llm_api_options": f"{LLM_DIR}/{tb.LLM_API_OPTIONS_FILE}" if gpu else None,
+                  "tokenizer_dir": TOKENIZER_DIR},
+        "vision": {"runtime": "tensorrt" if gpu else "onnxruntime", "input_name": ox.INPUT_NAME,
+                   "input_dtype": "float32", "input_shape": [-1, 3, cfg.force_image_size, cfg.force_image_size],
+                   "output_name": ox.OUTPUT_NAME, "output_dtype": "float32",
+                   "output_shape": [-1, cfg.tokens_per_tile, cfg.llm.hidden_size],
+                   "tokens_per_tile": cfg.tokens_per_tile, "opset": target.vision.opset,
+                   "trt_profile": profile.__dict__ if gpu else None},
+        "llm": {"engine": "tensorrt_llm_pytorch" if gpu else "reference", **{k: v for k, v in llm_info.items()
+                                                                            if k != "seconds"},
+                "hidden_size": cfg.llm.hidden_size, "vocab_size": cfg.llm.vocab_size},
+        "model": {"video_pruning_rate": cfg.video_pruning_rate, "max_sequence_length": cfg.max_sequence_length,
+                  "img_context_token_id": cfg.img_context_token_id, "tokens_per_tile": cfg.tokens_per_tile},
+        "plan": plan.to_dict(),
+        "onnx_check": {k: v for k, v in check.items() if k != "seconds"},
+        "tool_versions": mf.tool_versions(),
+        "inputs": inputs,
+        "outputs": outputs,
+        "build_seconds": {name: rec.get("info", {}).get("seconds") for name, rec in sorted(steps.items())
+                          if name != "manifest"},
+    }

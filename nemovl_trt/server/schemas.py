@@ -1,0 +1,339 @@
+"""Validation of `/v1/chat/completions` bodies (OpenAI fields + NIM extensions) into a `ChatRequest`.
+
+Every rejection is a 400 APIError in the OpenAI envelope naming the offending `param`. Limits that the
+model defines (max images, tiles, frames, context) come from Triton's `nemovl` model-config parameters
+(`ModelLimits`), never from constants here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from nemovl_trt.server.errors import APIError, invalid, not_supported
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+_TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Limits of the served model, read from Triton's `nemovl` config parameters."""
+
+    max_seq_len: int | None
+    max_images: int
+    max_num_tiles: int
+    max_video_frames: int
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """One media part: `kind` "image"/"video", its URL/data string, and where it was in the body."""
+
+    kind: str
+    url: str
+    param: str
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request. `messages` already reference media by index (nemovl form)."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    images: list[MediaRef]
+    video: MediaRef | None
+    params: dict[str, Any]  # → Triton `params` (JSON)
+    tools: list[dict[str, Any]] | None  # → Triton `tools` (None: none sent)
+    parse_tools: bool  # whether the output is scanned for tool calls
+    stream: bool = False
+    include_usage: bool = False
+    reasoning_hint: bool = False  # /think requested (last of /think, /no_think in system prompts)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+            param: str | None = None) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    p = param or name
+    if not _is_num(v):
+        raise invalid(f"'{p}' must be a number.", p)
+    if (v < lo or (lo_open and v == lo)) or (v > hi or (hi_open and v == hi)):
+        lb = "(" if lo_open else "["
+        hb = ")" if hi_open else "]"
+        raise invalid(f"'{p}' must be in {lb}{lo:g}, {hi:g}{hb}; got {v}.", p)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None, param: str | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    p = param or name
+    if not _is_int(v):
+        raise invalid(f"'{p}' must be an integer.", p)
+    if lo is not None and v < lo:
+        raise invalid(f"'{p}' must be at least {lo}; got {v}.", p)
+    if hi is not None and v > hi:
+        raise invalid(f"'{p}' must be at most {hi}; got {v}.", p)
+    return v
+
+
+def _bool(body: dict, name: str, param: str | None = None) -> bool | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise invalid(f"'{param or name}' must be a boolean.", param or name)
+    return v
+
+
+def _media_url(part: dict, key: str, param: str) -> str:
+    ref = part.get(key)
+    if isinstance(ref, str):
+        return ref
+    if isinstance(ref, dict) and isinstance(ref.get("url"), str):
+        return ref["url"]
+    raise invalid(f"'{param}.{key}' must be an object with a string 'url'.", f"{param}.{key}")
+
+
+def _convert_content(content: Any, param: str, images: list[MediaRef], videos: list[MediaRef]) -> Any:
+    """Content string/list → nemovl content with media parts replaced by index references."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"'{param}' must be a string or a list of content parts.", param)
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        pp = f"{param}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid(f"'{pp}' must be an object with a 'type'.", pp)
+        typ = part["type"]
+        if typ == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"'{pp}.text' must be a string.", f"{pp}.text")
+            out.append({"type": "text", "text": part["text"]})
+        elif typ in ("image_url", "input_image"):
+            images.append(MediaRef("image", _media_url(part, "image_url", pp), f"{pp}.image_url"))
+            out.append({"type": "image", "index": len(images) - 1})
+        elif typ == "video_url":
+            videos.append(MediaRef("video", _media_url(part, "video_url", pp), f"{pp}.video_url"))
+            out.append({"type": "video", "index": len(videos) - 1})
+        else:
+            raise APIError(400, f"Content part type '{typ}' is not supported (text, image_url, video_url).",
+                           code="unsupported_content_type", param=f"{pp}.type")
+    return out
+
+
+def _reasoning_requested(messages: list[dict[str, Any]]) -> bool:
+    """Last of `/think` / `/no_think` in system prompts wins; default off (api.md "Reasoning")."""
+    state = False
+    for m in messages:
+        if m.get("role") not in ("system", "developer"):
+            continue
+        c = m.get("content")
+        text = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+        for tok in re.findall(r"/no_think|/think", text):
+            state = tok == "/think"
+    return state
+
+
+def _validate_tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise invalid("'tool_choice' needs 'tools'.", "tool_choice")
+        return None, False
+    if not isinstance(tools, list) or not tools:
+        raise invalid("'tools' must be a non-empty list.", "tools")
+    names = []
+    for i, t in enumerate(tools):
+        p = f"tools[{i}]"
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
+            raise invalid(f"'{p}' must be {{'type': 'function', 'function': {{...}}}}.", p)
+        name = t["function"].get("name")
+        if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+            raise invalid(f"'{p}.function.name' must be 1-64 letters, digits, '_', '.' or '-'.", f"{p}.function.name")
+        params = t["function"].get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise invalid(f"'{p}.function.parameters' must be a JSON Schema object.", f"{p}.function.parameters")
+        names.append(name)
+    if choice is None or choice in ("auto", "required"):
+        return tools, True
+    if choice == "none":
+        return None, False
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise invalid(f"'tool_choice' names the function '{name}', which is not in 'tools'.", "tool_choice")
+        return [t for t in tools if t["function"]["name"] == name], True
+    raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
+                  "tool_choice")
+
+
+def _nim_extensions(body: dict, limits: ModelLimits, params: dict[str, Any]) -> None:
+    mio = body.get("media_io_kwargs")
+    if mio is not None:
+        if not isinstance(mio, dict):
+            raise invalid("'media_io_kwargs' must be an object.", "media_io_kwargs")
+        video = mio.get("video", {})
+        if not isinstance(video, dict):
+            raise invalid("'media_io_kwargs.video' must be an object.", "media_io_kwargs.video")
+        unknown = set(video) - {"fps", "num_frames"}
+        if unknown:
+            raise invalid(f"'media_io_kwargs.video' accepts only 'fps' or 'num_frames', not {sorted(unknown)}.",
+                          "media_io_kwargs.video")
+        if "fps" in video and "num_frames" in video:
+            raise invalid("'media_io_kwargs.video' takes 'fps' or 'num_frames', not both.", "media_io_kwargs.video",
+                          code="invalid_video_sampling")
+        fps = _number(video, "fps", 0, math.inf, lo_open=True, param="media_io_kwargs.video.fps")
+        nf = _integer(video, "num_frames", 1, limits.max_video_frames, param="media_io_kwargs.video.num_frames")
+        if fps is not None:
+            params["fps"] = fps
+        if nf is not None:
+            params["num_frames"] = nf
+    mpk = body.get("mm_processor_kwargs")
+    if mpk is not None:
+        if not isinstance(mpk, dict):
+            raise invalid("'mm_processor_kwargs' must be an object.", "mm_processor_kwargs")
+        unknown = set(mpk) - {"max_num_tiles"}
+        if unknown:
+            raise invalid(f"'mm_processor_kwargs' accepts only 'max_num_tiles', not {sorted(unknown)}.",
+                          "mm_processor_kwargs")
+        k = _integer(mpk, "max_num_tiles", 1, limits.max_num_tiles, param="mm_processor_kwargs.max_num_tiles")
+        if k is not None:
+            params["max_num_tiles"] = k
+    q = _number(body, "video_pruning_rate", 0.0, 1.0, hi_open=True)
+    if q is not None:
+        params["video_pruning_rate"] = q
+
+
+def parse_chat_request(body: Any, limits: ModelLimits) -> ChatRequest:
+    """Validate a decoded JSON body. Raises APIError(400) naming the bad field."""
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a string.", "model")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("'messages' must be a non-empty list.", "messages")
+
+    images: list[MediaRef] = []
+    videos: list[MediaRef] = []
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(msgs):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"'{p}' must be an object.", p)
+        role = m.get("role")
+        if role not in ROLES:
+            raise invalid(f"'{p}.role' must be one of {', '.join(ROLES)}.", f"{p}.role")
+        if "content" not in m and not (role == "assistant" and m.get("tool_calls")):
+            raise invalid(f"'{p}.content' is required.", f"{p}.content")
+        if m.get("content") is None and role != "assistant":
+            raise invalid(f"'{p}.content' must not be null.", f"{p}.content")
+        out = {k: v for k, v in m.items() if k in ("role", "name", "tool_calls", "tool_call_id")}
+        out["role"] = "system" if role == "developer" else role
+        out["content"] = _convert_content(m.get("content"), f"{p}.content", images, videos)
+        messages.append(out)
+
+    if len(videos) > 1:
+        raise invalid("Only one video per request is supported.", videos[1].param, code="too_many_videos")
+    if videos and images:
+        raise invalid("A request may contain one video or images, not both.", videos[0].param,
+                      code="video_with_images")
+    if len(images) > limits.max_images:
+        raise invalid(f"At most {limits.max_images} images per request are supported; got {len(images)}.",
+                      images[limits.max_images].param, code="too_many_images")
+
+    params: dict[str, Any] = {}
+    t = _number(body, "temperature", 0.0, 2.0)
+    if t is not None:
+        params["temperature"] = t
+    tp = _number(body, "top_p", 0.0, 1.0, lo_open=True)
+    if tp is not None:
+        params["top_p"] = tp
+    tk = _integer(body, "top_k", -1)
+    if tk is not None:
+        params["top_k"] = max(tk, 0)  # -1 and 0 both mean "off"
+    seed = _integer(body, "seed")
+    if seed is not None:
+        params["seed"] = seed
+    for pen in ("frequency_penalty", "presence_penalty"):
+        v = _number(body, pen, -2.0, 2.0)
+        if v:  # 0 is the identity; anything else would change the answer and the engine has no penalties
+            raise not_supported(f"'{pen}' other than 0 is not supported by this engine.", pen)
+    if body.get("repetition_penalty") not in (None, 1, 1.0):
+        raise not_supported("'repetition_penalty' other than 1 is not supported by this engine.", "repetition_penalty")
+    max_tokens = _integer(body, "max_tokens", 1)
+    mct = _integer(body, "max_completion_tokens", 1)
+    if mct is not None:
+        max_tokens = mct
+    if max_tokens is not None:
+        if limits.max_seq_len is not None and max_tokens >= limits.max_seq_len:
+            raise APIError(400, f"max_tokens ({max_tokens}) leaves no room for the prompt in the "
+                                f"{limits.max_seq_len}-token context.", code="context_length_exceeded",
+                           param="max_completion_tokens" if mct is not None else "max_tokens")
+        params["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+            raise invalid("'stop' must be a non-empty string or a list of non-empty strings.", "stop")
+        if len(stop) > MAX_STOP:
+            raise invalid(f"'stop' accepts at most {MAX_STOP} strings.", "stop")
+        if stop:
+            params["stop"] = stop
+    ignore_eos = _bool(body, "ignore_eos")
+    if ignore_eos:
+        params["ignore_eos"] = True
+    n = _integer(body, "n", 1)
+    if n is not None and n != 1:
+        raise not_supported("Only 'n' = 1 is supported.", "n")
+    logprobs = _bool(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    if logprobs:
+        raise not_supported("'logprobs' is not supported by this server.", "logprobs")
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'.", "response_format")
+        if rf["type"] != "text":
+            raise not_supported(f"'response_format' {rf['type']} needs constrained decoding, which this engine does "
+                                "not have.", "response_format")
+    stream = _bool(body, "stream") or False
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        if not isinstance(so, dict):
+            raise invalid("'stream_options' must be an object.", "stream_options")
+        include_usage = bool(_bool(so, "include_usage", "stream_options.include_usage"))
+    _bool(body, "parallel_tool_calls")
+    tools, parse_tools = _validate_tools(body)
+    _nim_extensions(body, limits, params)
+    if videos and "max_num_tiles" in params:
+        pass  # tiles apply to images only; forwarded unchanged, the preprocessor ignores it for video
+    return ChatRequest(model=model, messages=messages, images=images, video=videos[0] if videos else None,
+                       params=params, tools=tools, parse_tools=parse_tools, stream=stream,
+                       include_usage=include_usage, reasoning_hint=_reasoning_requested(messages) and not videos)

@@ -1,0 +1,139 @@
+"""Triton Python model `llm` (decoupled): streams generated token ids.
+
+cpu target: the PyTorch reference engine with continuous batching (`ContinuousBatcher`); GPU targets: the
+TensorRT-LLM LLM API. `execute` only enqueues; a background thread decodes, so requests arriving during
+a decode join the running batch at the next step. A request whose client went away
+(`request.is_cancelled()`) leaves the batch. Python backend 2.51 has no way to cancel a BLS stream, so
+the `nemovl` model cancels through a control request: `control = {"op":"cancel","request_id":...}`.
+`{"op":"stats"}` reports the active requests and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nemovl_trt.triton.models import manifest as mf
+from nemovl_trt.triton.models.common import (
+    bytes_scalar,
+    bytes_tensor,
+    json_input,
+    model_parameters,
+    read_manifest,
+    resolve_engines_dir,
+)
+from nemovl_trt.triton.models.llm_engine import GenRequest, TrtllmGenerator, build_reference_batcher
+
+
+class TritonSink:
+    """Sends a request's streamed ids through its response sender."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.sender = request.get_response_sender()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, token_ids: list[int], finish_reason: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if finish_reason.startswith("error:"):
+                resp = pb_utils.InferenceResponse(error=pb_utils.TritonError(finish_reason[len("error:"):]))
+                self._closed = True
+                self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            resp = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
+                pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
+                pb_utils.Tensor("info", bytes_tensor("")),
+            ])
+            if finish_reason:
+                self._closed = True
+                self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                self.sender.send(resp)
+
+    def is_cancelled(self) -> bool:
+        try:
+            return bool(self.request.is_cancelled())
+        except Exception:  # noqa: BLE001 - a request that cannot be queried is gone
+            return True
+
+
+class TritonPythonModel:
+    """The `llm` model."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        engines = resolve_engines_dir(args)
+        manifest = read_manifest(engines)
+        params = model_parameters(args)
+        limits = mf.limits(manifest)
+        max_batch = int(params.get("max_batch_size") or limits.get("max_batch_size") or 1)
+        if mf.is_cpu(manifest):
+            threads = int(params.get("torch_threads") or 0)
+            if threads > 0:
+                import torch
+
+                torch.set_num_threads(threads)
+            dtype = params.get("dtype") or None
+            self.backend: Any = build_reference_batcher(engines, manifest, max_batch, dtype=dtype)
+        else:
+            self.backend = TrtllmGenerator(mf.llm_dir(engines, manifest), mf.llm_api_options(engines, manifest))
+
+    def _control(self, request: Any, op: dict[str, Any]) -> None:
+        sender = request.get_response_sender()
+        kind = op.get("op")
+        if kind == "cancel":
+            result = {"cancelled": bool(self.backend.cancel(str(op.get("request_id", ""))))}
+        elif kind == "stats":
+            result = self.backend.snapshot()
+        else:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"unknown control op {kind!r}; use 'cancel' or 'stats'.")),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        sender.send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("token_ids", np.zeros((0,), dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", bytes_tensor("")),
+            pb_utils.Tensor("info", bytes_tensor(json.dumps(result))),
+        ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _submit(self, request: Any) -> None:
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
+        mm = pb_utils.get_input_tensor_by_name(request, "mm_embeddings")
+        mm_arr = mm.as_numpy().astype(np.float32, copy=False) if mm is not None else None
+        sampling = json_input(_np(pb_utils.get_input_tensor_by_name(request, "sampling")), {})
+        if "max_new_tokens" not in sampling:
+            raise ValueError("sampling.max_new_tokens is required.")
+        rid_raw = bytes_scalar(_np(pb_utils.get_input_tensor_by_name(request, "request_id")))
+        rid = rid_raw.decode() if rid_raw else uuid.uuid4().hex
+        self.backend.submit(GenRequest(rid, [int(t) for t in ids], mm_arr, sampling, TritonSink(request)))
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            try:
+                control = json_input(_np(pb_utils.get_input_tensor_by_name(request, "control")), None)
+                if control is not None:
+                    self._control(request, control)
+                else:
+                    self._submit(request)
+            except Exception as e:  # noqa: BLE001 - one bad request never wedges the model
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {e}")),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self) -> None:
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+
+
+def _np(tensor: Any) -> np.ndarray | None:
+    return tensor.as_numpy() if tensor is not None else None

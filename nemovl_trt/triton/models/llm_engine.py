@@ -1,0 +1,316 @@
+"""The generation loop behind the `llm` Triton model, independent of Triton.
+
+`ContinuousBatcher` owns a `ReferenceEngine` (cpu target) in a background thread: requests submitted
+while a batch is decoding join it at the next step; finished, cancelled or abandoned requests leave it.
+Each request has a `Sink` that receives the streamed token ids; a sink reporting `is_cancelled()` (the
+client went away) is cancelled in the engine. Control operations (cancel by id, stats) are thread-safe.
+
+`TrtllmGenerator` drives the TensorRT-LLM LLM API for GPU targets (import-guarded; not exercised on the
+CPU machines).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Sink(Protocol):
+    """Where a request's outputs go."""
+
+    def send(self, token_ids: list[int], finish_reason: str) -> None:
+        """Stream ids; `finish_reason` non-empty means this is the last call."""
+
+    def is_cancelled(self) -> bool:
+        """True when the requester went away."""
+
+
+@dataclass
+class GenRequest:
+    """One generation request: prompt ids [L], optional multimodal embeddings [M, hidden] (float32),
+    sampling options (dict: max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, ignore_eos)."""
+
+    request_id: str
+    input_ids: list[int]
+    mm_embeddings: np.ndarray | None
+    sampling: dict[str, Any]
+    sink: Sink
+
+
+@dataclass
+class BatcherStats:
+    """Counters of a ContinuousBatcher (reported by the `llm` model's `stats` control op)."""
+
+    active: list[str] = field(default_factory=list)
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0
+    max_batch_seen: int = 0
+    cancelled_ids: list[str] = field(default_factory=list)
+
+
+class ContinuousBatcher:
+    """Continuous batching over a `nemovl_trt.model.engine.ReferenceEngine`.
+
+    `make_sampling(dict) -> SamplingParams` converts the request's options. `max_batch_size` bounds the
+    running batch; further requests wait in the queue.
+    """
+
+    def __init__(self, engine: Any, make_sampling: Callable[[dict[str, Any]], Any], max_batch_size: int,
+                 to_tensor: Callable[[np.ndarray | None], Any]) -> None:
+        self.engine = engine
+        self.make_sampling = make_sampling
+        self.max_batch_size = max_batch_size
+        self.to_tensor = to_tensor
+        self._pending: deque[GenRequest] = deque()
+        self._cancel_ids: set[str] = set()
+        self._active: dict[str, GenRequest] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self.stats = BatcherStats()
+        self._thread = threading.Thread(target=self._run, name="llm-batcher", daemon=True)
+        self._thread.start()
+
+    # ---- API (any thread) ----
+    def submit(self, req: GenRequest) -> None:
+        with self._cond:
+            self._pending.append(req)
+            self.stats.submitted += 1
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; returns whether it was known."""
+        with self._cond:
+            known = request_id in self._active or any(r.request_id == request_id for r in self._pending)
+            if known:
+                self._cancel_ids.add(request_id)
+                self._cond.notify()
+            return known
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            s = self.stats
+            return {"active": sorted(self._active), "queued": [r.request_id for r in self._pending],
+                    "submitted": s.submitted, "completed": s.completed, "cancelled": s.cancelled,
+                    "failed": s.failed, "steps": s.steps, "max_batch_seen": s.max_batch_seen,
+                    "cancelled_ids": list(s.cancelled_ids[-100:])}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # ---- loop ----
+    def _finish(self, req: GenRequest, reason: str, ids: list[int] | None = None) -> None:
+        self._active.pop(req.request_id, None)
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+            self.stats.cancelled_ids.append(req.request_id)
+        else:
+            self.stats.completed += 1
+        try:
+            req.sink.send(ids or [], reason)
+        except Exception:  # noqa: BLE001 - the requester is gone; nothing else to do
+            pass
+
+    def _admit(self) -> None:
+        """Move queued requests into the engine (up to the batch limit) and apply cancels."""
+        with self._cond:
+            cancels, self._cancel_ids = self._cancel_ids, set()
+            for rid in cancels:
+                queued = [r for r in self._pending if r.request_id == rid]
+                for r in queued:
+                    self._pending.remove(r)
+                    self._finish(r, "cancelled")
+            admit = []
+            while self._pending and len(self._active) + len(admit) < self.max_batch_size:
+                admit.append(self._pending.popleft())
+        for rid in cancels:
+            req = self._active.get(rid)
+            if req is not None:
+                self.engine.cancel(rid)
+                self._finish(req, "cancelled")
+        for req in admit:
+            try:
+                self.engine.add(req.request_id, req.input_ids, self.to_tensor(req.mm_embeddings),
+                                self.make_sampling(req.sampling))
+            except Exception as e:  # noqa: BLE001 - reported to that request only
+                self.stats.failed += 1
+                try:
+                    req.sink.send([], f"error:{e}")
+                except Exception:  # noqa: BLE001
+                    pass
+                continue
+            self._active[req.request_id] = req
+        # Requesters that went away leave the batch.
+        for rid, req in list(self._active.items()):
+            if req.sink.is_cancelled():
+                self.engine.cancel(rid)
+                self._finish(req, "cancelled")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._pending and not self._cancel_ids and not self._active:
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    return
+            self._admit()
+            if not self._active or not self.engine.has_work():
+                continue
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._active))
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                for rid, req in list(self._active.items()):
+                    self.engine.cancel(rid)
+                    self._active.pop(rid, None)
+                    self.stats.failed += 1
+                    try:
+                        req.sink.send([], f"error:{e}")
+                    except Exception:  # noqa: BLE001
+                        pass
+                continue
+            self.stats.steps += 1
+            by_req: dict[str, tuple[list[int], str]] = {}
+            for out in outs:
+                ids, reason = by_req.get(out.request_id, ([], ""))
+                if out.token_id is not None and out.token_id >= 0:
+                    ids.append(int(out.token_id))
+                if out.finished:
+                    reason = out.finish_reason or "stop"
+                by_req[out.request_id] = (ids, reason)
+            for rid, (ids, reason) in by_req.items():
+                req = self._active.get(rid)
+                if req is None:
+                    continue
+                if reason:
+                    self._finish(req, reason, ids)
+                else:
+                    try:
+                        req.sink.send(ids, "")
+                    except Exception:  # noqa: BLE001 - requester gone: leave the batch
+                        self.engine.cancel(rid)
+                        self._finish(req, "cancelled")
+
+
+def build_reference_batcher(engines_dir: Path, manifest: dict[str, Any], max_batch_size: int,
+                            dtype: str | None = None) -> ContinuousBatcher:
+    """Load the cpu-target LLM (the checkpoint under the engines dir) into a ReferenceEngine."""
+    import torch
+
+    from nemovl_trt.checkpoint.loader import load_checkpoint
+    from nemovl_trt.model.engine import ReferenceEngine, SamplingParams
+    from nemovl_trt.model.vlm import NemotronVLM
+    from nemovl_trt.triton.models.manifest import llm_dir
+
+    ckpt = load_checkpoint(llm_dir(engines_dir, manifest))
+    model = NemotronVLM.from_checkpoint(ckpt, dtype=dtype)
+    eos = tuple(ckpt.generation.eos_token_ids) or tuple(ckpt.tokenizer.eos_ids)
+    engine = ReferenceEngine(model, eos, max_batch_size=max_batch_size)
+    model_dtype = model.language_model.dtype
+
+    def make_sampling(opts: dict[str, Any]) -> Any:
+        return sampling_params_from(SamplingParams, opts)
+
+    def to_tensor(arr: np.ndarray | None) -> Any:
+        if arr is None or arr.size == 0:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(model_dtype)
+
+    return ContinuousBatcher(engine, make_sampling, max_batch_size, to_tensor)
+
+
+def sampling_params_from(cls: Any, opts: dict[str, Any]) -> Any:
+    """Build the engine's SamplingParams from the request options (field names of docs/interfaces.md).
+    The model's eos ids are handled by the engine (unless `ignore_eos`)."""
+    seed = opts.get("seed")
+    return cls(max_new_tokens=int(opts["max_new_tokens"]), temperature=float(opts.get("temperature", 0.0)),
+               top_p=float(opts.get("top_p", 1.0)), top_k=int(opts.get("top_k", 0)),
+               seed=int(seed) if seed is not None else None,
+               stop_token_ids=tuple(int(t) for t in (opts.get("stop_token_ids") or ())),
+               ignore_eos=bool(opts.get("ignore_eos", False)))
+
+
+class TrtllmGenerator:
+    """GPU targets: TensorRT-LLM's LLM API (PyTorch backend) on the bundle in `engines/llm`.
+
+    Thin real calls, not exercised on the CPU machines: `tensorrt_llm.LLM(model=bundle, **options)`, then
+    `generate_async(..., streaming=True)` per request with the prompt ids and the multimodal embeddings.
+    """
+
+    def __init__(self, bundle_dir: Path, llm_api_options: dict[str, Any]) -> None:
+        try:
+            import tensorrt_llm  # type: ignore[import-not-found]
+            import torch
+        except ImportError:
+            raise RuntimeError("this target needs tensorrt_llm and an NVIDIA GPU; none found (run the "
+                               "repository in NVIDIA's TensorRT-LLM/Triton container).") from None
+        if not torch.cuda.is_available():
+            raise RuntimeError("this target needs an NVIDIA GPU; none found.")
+        self._trtllm = tensorrt_llm
+        self.llm = tensorrt_llm.LLM(model=str(bundle_dir), **llm_api_options)
+        self._running: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, req: GenRequest) -> None:
+        threading.Thread(target=self._run_one, args=(req,), daemon=True).start()
+
+    def _run_one(self, req: GenRequest) -> None:
+        import asyncio
+
+        import torch
+
+        s = req.sampling
+        params = self._trtllm.SamplingParams(
+            max_tokens=int(s["max_new_tokens"]), temperature=float(s.get("temperature", 0.0)),
+            top_p=float(s.get("top_p", 1.0)), top_k=int(s.get("top_k", 0)) or None, seed=int(s.get("seed", 0)),
+            stop_token_ids=list(s.get("stop_token_ids") or []), ignore_eos=bool(s.get("ignore_eos", False)))
+        inputs: dict[str, Any] = {"prompt_token_ids": list(req.input_ids)}
+        if req.mm_embeddings is not None and req.mm_embeddings.size:
+            inputs["multi_modal_embeddings"] = torch.from_numpy(req.mm_embeddings).cuda()
+
+        async def stream() -> None:
+            result = self.llm.generate_async(inputs, sampling_params=params, streaming=True)
+            with self._lock:
+                self._running[req.request_id] = result
+            sent = 0
+            async for out in result:
+                if req.sink.is_cancelled():
+                    result.abort()
+                    req.sink.send([], "cancelled")
+                    return
+                ids = list(out.outputs[0].token_ids)
+                reason = out.outputs[0].finish_reason or "" if out.finished else ""
+                req.sink.send(ids[sent:], str(reason) if out.finished else "")
+                sent = len(ids)
+
+        try:
+            asyncio.run(stream())
+        finally:
+            with self._lock:
+                self._running.pop(req.request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            result = self._running.get(request_id)
+        if result is not None:
+            result.abort()
+        return result is not None
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"active": sorted(self._running), "time": time.time()}
+
+    def close(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,198 @@
+"""Triton Python model `nemovl` — the entry model (decoupled, BLS).
+
+Per request (each on its own worker thread, so concurrent requests reach the `llm` together and are
+batched there): `preprocessor` (BLS) → `vision_encoder` (BLS, in chunks of its max batch) when there are
+tiles → EVS + frame layout rebuilt for video → `llm` (BLS, decoupled stream) → incremental detokenization,
+stop strings, finish reason and token counts → one response per llm step (docs/interfaces.md).
+
+Cancellation: the Python backend 2.51 cannot cancel a BLS stream, so when the client's request is
+cancelled (or a stop string ends the answer early) this model sends the `llm` a control request
+`{"op":"cancel","request_id":...}`; the llm drops the sequence from its batch at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nemovl_trt.triton.interface import (
+    LLM_MODEL,
+    NEMOVL_INPUTS,
+    PREPROCESSOR_MODEL,
+    VISION_MODEL,
+)
+from nemovl_trt.triton.models import manifest as mf
+from nemovl_trt.triton.models.common import bytes_tensor, model_parameters, read_manifest, resolve_engines_dir
+from nemovl_trt.triton.models.pipeline import EntryContext, apply_video_evs
+from nemovl_trt.triton.streaming import TextStream
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class BLSError(Exception):
+    """A downstream model answered with an error; `message` is passed to the client unchanged."""
+
+    def __init__(self, message: str, code: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def _raise_if_error(resp: Any, model: str) -> None:
+    if resp.has_error():
+        err = resp.error()
+        msg = err.message()
+        code = err.code() if hasattr(err, "code") else pb_utils.TritonError.INTERNAL
+        if not msg.startswith("["):
+            msg = f"{model}: {msg}"
+        raise BLSError(msg, code)
+
+
+def _out(resp: Any, name: str) -> np.ndarray:
+    t = pb_utils.get_output_tensor_by_name(resp, name)
+    if t is None:
+        raise RuntimeError(f"output {name} missing from the response")
+    return t.as_numpy()
+
+
+class TritonPythonModel:
+    """The `nemovl` entry model."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        engines = resolve_engines_dir(args)
+        manifest = read_manifest(engines)
+        params = model_parameters(args)
+        self.ctx = EntryContext.load(engines, manifest)
+        self.vision_max_batch = int(params.get("vision_max_batch_size") or 1)
+        self.vision_input = params.get("vision_input") or "pixel_values"
+        self.vision_output = params.get("vision_output") or "embeddings"
+        workers = int(params.get("max_concurrency") or 64)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nemovl")
+        self.target = mf.target(manifest)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self.pool.submit(self._serve, request)
+        return None
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one request ----
+    def _serve(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            self._run(request, sender)
+        except BLSError as e:
+            self._send_error(sender, e.message, e.code)
+        except Exception as e:  # noqa: BLE001 - never wedge: answer with an error, keep serving
+            pb_utils.Logger.log_error(f"nemovl: {traceback.format_exc()}")
+            self._send_error(sender, f"internal error in nemovl: {e}", pb_utils.TritonError.INTERNAL)
+
+    @staticmethod
+    def _send_error(sender: Any, message: str, code: Any) -> None:
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone
+            pass
+
+    def _preprocess(self, request: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        inputs = []
+        for spec in NEMOVL_INPUTS:
+            t = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if t is not None:
+                inputs.append(pb_utils.Tensor(spec.name, t.as_numpy()))
+        resp = pb_utils.InferenceRequest(model_name=PREPROCESSOR_MODEL, inputs=inputs,
+                                         requested_output_names=["input_ids", "pixel_values", "info"]).exec()
+        _raise_if_error(resp, PREPROCESSOR_MODEL)
+        info = json.loads(_out(resp, "info").reshape(-1)[0].decode("utf-8"))
+        return _out(resp, "input_ids").reshape(-1), _out(resp, "pixel_values"), info
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Tiles [N,3,S,S] → embeddings [N,P,D] through the vision_encoder model, in chunks."""
+        chunks = []
+        for start in range(0, pixels.shape[0], self.vision_max_batch):
+            part = np.ascontiguousarray(pixels[start:start + self.vision_max_batch])
+            resp = pb_utils.InferenceRequest(model_name=VISION_MODEL, inputs=[pb_utils.Tensor(self.vision_input, part)],
+                                             requested_output_names=[self.vision_output]).exec()
+            _raise_if_error(resp, VISION_MODEL)
+            chunks.append(_out(resp, self.vision_output))
+        return np.concatenate(chunks, axis=0)
+
+    def _llm_cancel(self, rid: str) -> None:
+        req = pb_utils.InferenceRequest(
+            model_name=LLM_MODEL, requested_output_names=["info"],
+            inputs=[pb_utils.Tensor("input_ids", np.zeros((0,), dtype=np.int64)),
+                    pb_utils.Tensor("control", bytes_tensor(json.dumps({"op": "cancel", "request_id": rid})))])
+        for _ in req.exec(decoupled=True):
+            pass
+
+    def _run(self, request: Any, sender: Any) -> None:
+        input_ids, pixels, info = self._preprocess(request)
+        mm = None
+        public_info = dict(info.get("public", {}))
+        if pixels.shape[0] > 0:
+            emb = self._encode(pixels)
+            if info.get("video") is not None:
+                input_ids, mm, pruned = apply_video_evs(self.ctx, input_ids, emb, info["video"])
+                public_info["evs_pruned_tokens"] = pruned
+            else:
+                mm = emb.reshape(-1, emb.shape[-1])
+        prompt_tokens = int(input_ids.shape[0])
+        sampling = dict(info["sampling"])
+        stream = TextStream(decode=self.ctx.decode, stops=list(info.get("stop") or []),
+                            eos_ids=() if sampling.get("ignore_eos") else self.ctx.eos_ids)
+        rid = uuid.uuid4().hex
+        llm_inputs = [pb_utils.Tensor("input_ids", input_ids.astype(np.int64)),
+                      pb_utils.Tensor("sampling", bytes_tensor(json.dumps(sampling))),
+                      pb_utils.Tensor("request_id", bytes_tensor(rid))]
+        if mm is not None:
+            llm_inputs.append(pb_utils.Tensor("mm_embeddings", np.ascontiguousarray(mm, dtype=np.float32)))
+        llm_req = pb_utils.InferenceRequest(model_name=LLM_MODEL, inputs=llm_inputs,
+                                            requested_output_names=["token_ids", "finish_reason"])
+        first = True
+        cancelled_sent = False
+        for resp in llm_req.exec(decoupled=True):
+            if cancelled_sent:
+                continue  # drain the llm stream after a cancel / stop string
+            if request.is_cancelled():
+                self._llm_cancel(rid)
+                cancelled_sent = True
+                self._send(sender, "", [], "cancelled", prompt_tokens, stream.completion_tokens, None)
+                continue
+            if resp.has_error():
+                _raise_if_error(resp, LLM_MODEL)
+            if pb_utils.get_output_tensor_by_name(resp, "token_ids") is None:
+                continue  # the empty final-flag response of a decoupled stream
+            ids = _out(resp, "token_ids").reshape(-1).tolist()
+            engine_finish = _out(resp, "finish_reason").reshape(-1)[0].decode("utf-8")
+            delta = stream.push(ids, engine_finish)
+            self._send(sender, delta.text, ids, delta.finish_reason, prompt_tokens, delta.completion_tokens,
+                       public_info if first else None)
+            first = False
+            if delta.finish_reason:
+                if not engine_finish:  # a stop string ended the answer before the engine did
+                    self._llm_cancel(rid)
+                cancelled_sent = True
+
+    @staticmethod
+    def _send(sender: Any, text: str, ids: list[int], finish: str, prompt_tokens: int, completion: int,
+              info: dict[str, Any] | None) -> None:
+        resp = pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text", bytes_tensor(text)),
+            pb_utils.Tensor("token_ids", np.asarray(ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", bytes_tensor(finish)),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([completion], dtype=np.int32)),
+            pb_utils.Tensor("info", bytes_tensor(json.dumps(info) if info is not None else "")),
+        ])
+        try:
+            sender.send(resp, flags=FINAL if finish else 0)
+        except Exception:  # noqa: BLE001 - the client is gone; the llm stream is drained by the caller
+            pass
