@@ -97,11 +97,16 @@ def test_second_run_skips_everything_and_a_touched_output_rebuilds_only_its_step
     assert {k: v for k, v in after.items() if k != ".build_state.json"} == \
         {k: v for k, v in before.items() if k != ".build_state.json"}
 
+    def manifest_body() -> dict:
+        return {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "build_seconds"}
+
+    manifest = manifest_body()
     (out / "tokenizer" / "tokenizer.json").unlink()
     r = CliRunner().invoke(build_cli, args)
     assert r.exit_code == 0, r.output
     assert "[tokenizer] built" in r.output and "[vision_onnx] up to date, skipped" in r.output
-    assert "[manifest] up to date, skipped" in r.output  # same bytes again → same manifest
+    assert "[vision_check] up to date, skipped" in r.output and "[llm_weights] up to date, skipped" in r.output
+    assert manifest_body() == manifest  # same bytes again → same hashes, same manifest
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (tiny_ckpt_dir / "tokenizer.json").read_bytes()
 
     r = CliRunner().invoke(build_cli, [*args, "--force"])
@@ -202,3 +207,22 @@ def test_bf16_gpu_target_converts_the_llm_weights(tiny_ckpt_dir, tmp_path, h100_
     assert json.loads((out / "llm" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     opts = yaml.safe_load((out / "llm" / "llm_api_options.yaml").read_text())
     assert opts["kv_cache_config"]["dtype"] == "auto" and opts["max_batch_size"] == 64
+
+
+def test_onnx_error_over_the_target_tolerance_fails_the_build(cpu_engines_dir, tiny_ckpt_dir, tmp_path):
+    from nemovl_trt.build.targets import BUILD_CONFIGS_DIR
+
+    data = yaml.safe_load((BUILD_CONFIGS_DIR / "cpu.yaml").read_text())
+    data["vision"]["max_abs_error"] = 1e-12
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(data))
+    out = tmp_path / "eng"
+    shutil.copytree(cpu_engines_dir, out)
+    r = CliRunner().invoke(build_cli, ["engines", "--target", str(strict), "--checkpoint", str(tiny_ckpt_dir),
+                                       "--out", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "[vision_onnx] up to date, skipped" in r.output  # same graph; only the check's options changed
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "the vision ONNX graph differs from PyTorch by" in errors[0]
+    assert "tolerance vision.max_abs_error = 1.0e-12" in errors[0]
+    assert not (out / "manifest.json").exists()  # a failed build leaves no manifest behind

@@ -102,7 +102,7 @@ def test_full_pixel_tensor_png_matches_independent_computation():
 
 @pytest.mark.parametrize(("size", "subsampling", "progressive", "grid"), [
     ((2048, 1536), 2, False, (4, 3)),  # 4:2:0, grid equals the image size (resize skipped)
-    ((901, 333), 0, True, (3, 1)),  # 4:4:4 progressive
+    ((960, 333), 0, True, (3, 1)),  # 4:4:4 progressive
     ((333, 517), 1, False, (2, 3)),  # 4:2:2
 ])
 def test_full_pixel_tensor_jpeg_matches_independent_computation(size, subsampling, progressive, grid):
@@ -130,7 +130,7 @@ def test_single_tile_image_is_resized_without_thumbnail():
 
 
 def test_several_images_are_tiled_independently():
-    a = _encode(Image.fromarray(_pattern(600, 600)), "PNG")
+    a = _encode(Image.fromarray(_pattern(800, 800)), "PNG")
     b = _encode(Image.fromarray(_pattern(1024, 512)), "PNG")
     pv, counts = preprocess_images([a, b], 12, MEAN, STD)
     assert counts == [5, 3] and pv.shape == (8, 3, T, T)
@@ -157,10 +157,10 @@ def test_modes_convert_to_rgb_like_pillow(mode, fmt):
     elif mode == "P":
         img = base.quantize(colors=50)
     elif mode == "I;16":
-        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 3))
+        img = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 3)
     else:
         img = base.convert(mode)
-    kw = {"lossless": True} if fmt == "WEBP" else {}
+    kw = {"lossless": True, "exact": True} if fmt == "WEBP" else {}
     data = _encode(img, fmt, **kw)
     out = decode_image(data)
     assert out.dtype == np.uint8 and out.shape == (48, 64, 3)
@@ -202,6 +202,14 @@ def test_too_large_is_rejected_from_the_header():
     assert _code(_png_header_only(60000, 60000)) == "image_too_large"
     assert image_size(_jpeg_with_declared_size(60000, 50000)) == (60000, 50000)
     assert _code(_jpeg_with_declared_size(60000, 50000)) == "image_too_large"
+
+
+@pytest.mark.parametrize(("mode", "kw"), [("RGB", {"lossless": True}), ("RGB", {"quality": 80}),
+                                          ("RGBA", {"quality": 80})])
+def test_webp_header_size(mode, kw):
+    data = _encode(Image.fromarray(_pattern(321, 123)).convert(mode), "WEBP", **kw)
+    assert image_size(data) == (321, 123)
+    assert _code(data, max_pixels=321 * 123 - 1) == "image_too_large"
 
 
 @pytest.mark.parametrize("data", [

@@ -257,10 +257,16 @@ def test_langchain(api_server: ApiServer) -> None:
 
 
 # ---------------------------------------------------------------- images
-def test_image_prompt_tokens(api_server: ApiServer, sdk: openai.OpenAI, vlm_cfg, meta: dict[str, Any]) -> None:
+def test_image_prompt_tokens(api_server: ApiServer, sdk: openai.OpenAI, vlm_cfg, tiny_ckpt_dir,
+                             meta: dict[str, Any]) -> None:
+    """prompt_tokens(image + text) == prompt_tokens(text) + 256·tiles + 2 (<img>, </img>) + the template's
+    part separator; the same for an allowed http URL, a data: URL and bare base64."""
+    from nemovl_trt.checkpoint.tokenizer import load_tokenizer
     from nemovl_trt.preprocess.image import num_tiles
 
-    w, h = 700, 300
+    tok = load_tokenizer(tiny_ckpt_dir)
+    sep = len(tok.encode(vlm_cfg.img_context_token + "\nDescribe.")) - 1 - len(tok.encode("Describe."))
+    w, h = 600, 300
     data = png_bytes(w, h)
     api_server.media.files["wide.png"] = ("image/png", data)
     text = sdk.chat.completions.create(model=api_server.model, messages=user("Describe."), max_tokens=1)
@@ -273,16 +279,17 @@ def test_image_prompt_tokens(api_server: ApiServer, sdk: openai.OpenAI, vlm_cfg,
         r = sdk.chat.completions.create(model=api_server.model, messages=user(image_part(url), "Describe."),
                                         max_tokens=1)
         seen[name] = r.usage.prompt_tokens
+    assert api_server.media.hits["wide.png"] == 1
     tiles = num_tiles(w, h, meta["limits"]["max_num_tiles"], tile, vlm_cfg.use_thumbnail)
     assert tiles > 1
-    assert seen == {k: base + per_tile * tiles + 2 for k in urls}, (seen, base, tiles)
+    assert seen == {k: base + per_tile * tiles + 2 + sep for k in urls}, (seen, base, tiles, sep)
     one = sdk.chat.completions.create(model=api_server.model, messages=user(image_part(urls["data"]), "Describe."),
                                       max_tokens=1, extra_body={"mm_processor_kwargs": {"max_num_tiles": 1}})
-    assert one.usage.prompt_tokens == base + per_tile * num_tiles(w, h, 1, tile, vlm_cfg.use_thumbnail) + 2
+    assert one.usage.prompt_tokens == base + per_tile * num_tiles(w, h, 1, tile, vlm_cfg.use_thumbnail) + 2 + sep
     two = sdk.chat.completions.create(
         model=api_server.model, max_tokens=1, extra_body={"mm_processor_kwargs": {"max_num_tiles": 1}},
         messages=user(image_part(urls["data"]), image_part(b64(png_bytes(40, 40, "L"))), "Describe."))
-    assert two.usage.prompt_tokens == one.usage.prompt_tokens + per_tile + 2
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens + per_tile + 2 + sep
 
 
 def test_metrics_move(api_server: ApiServer, sdk: openai.OpenAI) -> None:
@@ -370,25 +377,28 @@ def test_sdk_error_types(api_server: ApiServer, sdk: openai.OpenAI) -> None:
 
 # ---------------------------------------------------------------- video, reasoning, tools
 def test_video_and_think_warning(api_server: ApiServer, sdk: openai.OpenAI) -> None:
-    clip = mp4_bytes(16, 4)
+    clip = mp4_bytes(16, 4)  # 4 s at 4 fps
+    fps = sdk.chat.completions.create(model=api_server.model, max_tokens=1, messages=user(video_part(b64(clip)), "?"),
+                                      extra_body={"media_io_kwargs": {"video": {"fps": 4}}})  # = the clip's fps
+    assert fps.usage.prompt_tokens > 0
     api_server.media.files["clip.mp4"] = ("video/mp4", clip)
+    before = metrics(api_server)
     plain = sdk.chat.completions.with_raw_response.create(
         model=api_server.model, max_tokens=2, messages=user(video_part(api_server.media.url("clip.mp4")), "What?"),
-        extra_body={"media_io_kwargs": {"video": {"num_frames": 8}}})
+        extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}})
     assert "x-nemovl-warning" not in plain.headers
-    p = plain.parse()
-    assert p.usage.prompt_tokens > 8
+    assert plain.parse().usage.prompt_tokens > 2
     think = sdk.chat.completions.with_raw_response.create(
         model=api_server.model, max_tokens=2,
         messages=[{"role": "system", "content": "/think"}] + user(video_part("data:video/mp4;base64," + b64(clip)), "What?"),
-        extra_body={"media_io_kwargs": {"video": {"num_frames": 8}}})
+        extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}, "video_pruning_rate": 0.5})
     assert think.headers.get("x-nemovl-warning")
     body = json.loads(think.text)
     assert body["warnings"] and all(isinstance(w, str) for w in body["warnings"])
-    fps = sdk.chat.completions.create(model=api_server.model, max_tokens=1, messages=user(video_part(b64(clip)), "?"),
-                                      extra_body={"media_io_kwargs": {"video": {"fps": 2}},
-                                                  "video_pruning_rate": 0.5})
-    assert fps.usage.prompt_tokens > 0
+    assert body["choices"][0]["message"].get("reasoning_content") is None  # reasoning is off for video
+    after = metrics(api_server)
+    assert after["nemovl_video_frames_total{}"] - before.get("nemovl_video_frames_total{}", 0) == 4
+    assert after["nemovl_evs_pruned_tokens_total{}"] > before.get("nemovl_evs_pruned_tokens_total{}", 0)
 
 
 def test_reasoning_fields(api_server: ApiServer, sdk: openai.OpenAI) -> None:
@@ -482,3 +492,54 @@ def test_queue_full_gives_429(api_server: ApiServer) -> None:
     assert codes.count(200) >= limit - 1 and rejected, codes
     assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
     assert adm.active == 0 and adm.waiting == 0
+
+
+def test_frontend_overhead(api_server: ApiServer) -> None:
+    """Median latency of a 1-token request through the frontend vs the same request straight to Triton."""
+    import statistics
+
+    import tritonclient.grpc.aio as aio
+
+    from nemovl_trt.server.triton_client import TritonRequest, build_inputs
+
+    msgs = [{"role": "user", "content": "Hello"}]
+    n = 15
+
+    async def direct() -> list[float]:
+        client = aio.InferenceServerClient(api_server.triton.grpc_url)
+        out = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                inputs = build_inputs(TritonRequest(messages=msgs, params={"max_tokens": 1, "seed": 0}))
+
+                async def reqs(inputs=inputs):
+                    yield {"model_name": "nemovl", "inputs": inputs}
+
+                async for result, error in client.stream_infer(reqs()):
+                    assert error is None
+                    fr = result.as_numpy("finish_reason").reshape(-1)[0]
+                    if fr:
+                        break
+                out.append(time.perf_counter() - t0)
+        finally:
+            await client.close()
+        return out
+
+    def via_api() -> list[float]:
+        out = []
+        with httpx.Client(timeout=60) as c:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = c.post(api_server.base_url + "/chat/completions",
+                           json={"model": api_server.model, "messages": msgs, "max_tokens": 1, "seed": 0})
+                assert r.status_code == 200
+                out.append(time.perf_counter() - t0)
+        return out
+
+    asyncio.run(direct())  # warm up
+    d = statistics.median(asyncio.run(direct()))
+    a = statistics.median(via_api())
+    print(f"\n[frontend overhead] direct Triton p50 {d * 1e3:.1f} ms, via API p50 {a * 1e3:.1f} ms, "
+          f"overhead {(a - d) * 1e3:.1f} ms")
+    assert a - d < 0.05

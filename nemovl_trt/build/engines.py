@@ -113,9 +113,14 @@ class _Runner:
         self.out = out
         self.force = force
         self.state = _State(out / STATE_FILE)
-        self.log = log
         self.report = BuildReport(out_dir=out)
         self.bar = tqdm(total=total, desc="engines", unit="step", leave=False)
+        self._log = log
+
+    def log(self, message: str) -> None:
+        """Print a line without tearing the progress bar."""
+        with tqdm.external_write_mode():
+            self._log(message)
 
     def _outputs_intact(self, rec: dict[str, Any]) -> bool:
         for rel, (size, mtime) in rec.get("outputs", {}).items():
@@ -145,6 +150,8 @@ class _Runner:
                 self.report.statuses[name] = "skipped"
                 self.log(f"[{name}] up to date, skipped")
                 return rec.get("info", {})
+            if name != "manifest":  # an output is about to change: the old manifest no longer describes the dir
+                self.invalidate_manifest()
             t0 = time.perf_counter()
             try:
                 outputs, info = run()
@@ -168,6 +175,12 @@ class _Runner:
             return info
         finally:
             self.bar.update(1)
+
+    def invalidate_manifest(self) -> None:
+        """Remove manifest.json and its record (a later successful run writes it again)."""
+        (self.out / mf.MANIFEST_FILE).unlink(missing_ok=True)
+        if self.state.steps.pop("manifest", None) is not None:
+            self.state.save()
 
     def output_hashes(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -195,128 +208,146 @@ def build_engines(ckpt_dir: str | Path, target: TargetConfig, out_dir: str | Pat
     GPU steps that cannot run here are listed in `report.gpu_errors` (the caller exits non-zero)."""
     t_start = time.perf_counter()
     ckpt = Path(ckpt_dir)
-    out = Path(out_dir)
     cfg: VLMConfig = load_vlm_config(ckpt)
     plan = plan_memory(cfg, target)
     if plan.max_batch_size < 1:
         raise BuildError(f"target {target.name}: weights ({plan.weights_bytes / 1e9:.2f} GB) and activations "
                          f"({plan.activation_bytes / 1e9:.2f} GB) leave no room for one sequence of "
                          f"{plan.max_seq_len} tokens in the {plan.memory_budget_bytes / 1e9:.2f} GB budget.")
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = target.is_gpu
-    run = _Runner(out, force, total=7 if gpu else 5, log=log)
-    run.report.plan = plan
-    encoder_cache: dict[str, Any] = {}
-
-    def encoder() -> Any:
-        if "enc" not in encoder_cache:
-            encoder_cache["enc"] = ox.load_vision_encoder(ckpt)[1]
-        return encoder_cache["enc"]
-
-    ckpt_weights = _checkpoint_inputs(ckpt, _weights_and_configs(ckpt))
-    onnx_path = out / VISION_ONNX
-
-    # (a) vision encoder → ONNX
-    def do_export() -> tuple[list[Path], dict[str, Any]]:
-        for stale in onnx_path.parent.glob("model.onnx*"):
-            stale.unlink()
-        ox.export_vision_onnx(cfg, encoder(), onnx_path, target.vision_precision, target.vision.opset)
-        files = sorted(onnx_path.parent.glob("model.onnx*"))  # + external data when > 2 GB
-        return files, {"precision": target.vision_precision, "opset": target.vision.opset}
-
-    import torch
-
-    run.step("vision_onnx", ckpt_weights,
-             {"precision": target.vision_precision, "opset": target.vision.opset, "exporter": "torchscript",
-              "torch": torch.__version__, "tile": cfg.force_image_size}, do_export)
-
-    # (a') ONNX Runtime vs PyTorch
-    def do_check() -> tuple[list[Path], dict[str, Any]]:
-        check = ox.check_vision_onnx(cfg, encoder(), onnx_path, target.vision.max_abs_error, CHECK_BATCHES,
-                                     CHECK_SEED)
-        log(f"[vision_check] ONNX Runtime vs PyTorch on {'+'.join(map(str, CHECK_BATCHES))} random tiles: "
-            f"max abs error {check.max_abs_error:.3e} (tolerance {check.tolerance:.1e}, "
-            f"max |reference| {check.max_abs_reference:.3e})")
-        if not check.passed:
-            raise BuildError(f"the vision ONNX graph differs from PyTorch by {check.max_abs_error:.3e}, over target "
-                             f"{target.name}'s tolerance vision.max_abs_error = {check.tolerance:.1e}.")
-        path = out / ONNX_CHECK_FILE
-        path.write_text(json.dumps(check.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return [path], check.to_dict()
-
-    onnx_inputs = {f"out/{p.name}": p for p in sorted(onnx_path.parent.glob("model.onnx*"))}
-    check_info = run.step("vision_check", {**onnx_inputs, **ckpt_weights},
-                          {"tolerance": target.vision.max_abs_error, "batches": list(CHECK_BATCHES),
-                           "seed": CHECK_SEED}, do_check, needs=("vision_onnx",))
-    if check_info is not None and run.report.statuses.get("vision_check") == "skipped":
-        log(f"[vision_check] recorded max abs error {check_info['max_abs_error']:.3e} "
-            f"(tolerance {check_info['tolerance']:.1e})")
-    run.report.onnx_check = check_info
-
-    # (b) TensorRT plan
-    per_image = target.limits.max_num_tiles + (1 if cfg.use_thumbnail and target.limits.max_num_tiles > 1 else 0)
-    profile = TrtProfile(min_tiles=1, opt_tiles=min(per_image, plan.vision_max_batch_tiles),
-                         max_tiles=plan.vision_max_batch_tiles)
-    if gpu:
-        def do_trt() -> tuple[list[Path], dict[str, Any]]:
-            build_vision_engine(target, onnx_path, out / VISION_PLAN, out / VISION_TIMING_CACHE, ox.INPUT_NAME,
-                                cfg.force_image_size, profile)
-            return [out / VISION_PLAN, out / VISION_TIMING_CACHE], {"profile": profile.__dict__}
-
-        run.step("vision_engine", onnx_inputs, {"arch": target.arch, "profile": profile.__dict__,
-                                                "tensorrt": tensorrt_version()}, do_trt, needs=("vision_check",))
-
-    # (c) LLM bundle
-    llm_dir = out / LLM_DIR
-    all_files = tb.checkpoint_files(ckpt)
-
-    def do_llm() -> tuple[list[Path], dict[str, Any]]:
-        prec = target.llm_precision
-        if not gpu:  # the reference engine casts on load
-            return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
-        if prec in ("bf16", "fp32"):
-            dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[prec]
-            if tb.float_dtypes(ckpt) == {tb.SAFETENSORS_DTYPE[prec]}:
-                return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
-            files = tb.convert_checkpoint_dtype(ckpt, llm_dir, dtype_name)
-            return files, {"source": f"converted to {dtype_name}", "precision": prec}
-        if tb.quantization_info(ckpt) is not None:
-            info = tb.validate_quantized_checkpoint(ckpt, cfg, prec)
-            return tb.link_files(all_files, llm_dir), {**info, "precision": prec}
-        info = tb.quantize_with_modelopt(target, ckpt, llm_dir, prec)
-        files = [p for p in tb.checkpoint_files(llm_dir) if p.name != tb.LLM_API_OPTIONS_FILE]
-        return files, {**info, "precision": prec}
-
-    llm_info = run.step("llm_weights", _checkpoint_inputs(ckpt, all_files),
-                        {"precision": target.llm_precision, "gpu": gpu}, do_llm)
-    if gpu:
-        run.step("llm_options", {}, {"options": tb.llm_api_options(target, plan)},
-                 lambda: ([tb.write_llm_api_options(target, plan, llm_dir)], {}))
-
     tok_files = tb.tokenizer_files(ckpt)
     if not tok_files:
         raise BuildError(f"{ckpt} has no tokenizer files ({', '.join(tb.TOKENIZER_FILES[:2])}).")
-    run.step("tokenizer", _checkpoint_inputs(ckpt, tok_files), {},
-             lambda: (tb.link_files(tok_files, out / TOKENIZER_DIR), {}))
-
-    # (d) manifest
-    if run.report.gpu_errors:
-        run.report.statuses["manifest"] = "blocked"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Runner(out, force, total=7 if target.is_gpu else 5, log=log)
+    run.report.plan = plan
+    try:
+        _Steps(ckpt, cfg, target, plan, out, run, model_id).run_all()
+    finally:
         run.bar.close()
         run.report.seconds = time.perf_counter() - t_start
-        return run.report
-
-    input_hashes = {p.name: run.state.sha256(p) for p in all_files}
-    manifest = _manifest(cfg, target, plan, model_id, check_info or {}, llm_info or {}, profile,
-                         input_hashes, run.output_hashes(), run.state.steps)
-
-    def do_manifest() -> tuple[list[Path], dict[str, Any]]:
-        return [mf.write_manifest(out, manifest)], {}
-
-    run.step("manifest", {}, {"manifest": manifest}, do_manifest)
-    run.bar.close()
-    run.report.seconds = time.perf_counter() - t_start
     return run.report
+
+
+@dataclass
+class _Steps:
+    """The build steps of one engines dir, in order (see the module docstring)."""
+
+    ckpt: Path
+    cfg: VLMConfig
+    target: TargetConfig
+    plan: MemoryPlan
+    out: Path
+    run: _Runner
+    model_id: str
+    _encoder: Any = None
+
+    @property
+    def gpu(self) -> bool:
+        return self.target.is_gpu
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.out / VISION_ONNX
+
+    def encoder(self) -> Any:
+        """The fp32 PyTorch VisionEncoder, loaded once and only when a vision step actually runs."""
+        if self._encoder is None:
+            self._encoder = ox.load_vision_encoder(self.ckpt)[1]
+        return self._encoder
+
+    def onnx_files(self) -> dict[str, Path]:
+        return {f"out/{p.name}": p for p in sorted(self.onnx_path.parent.glob("model.onnx*"))}
+
+    def profile(self) -> TrtProfile:
+        """TensorRT profile: 1 tile / one image with its thumbnail / the largest image batch of a request."""
+        lim = self.target.limits
+        per_image = lim.max_num_tiles + (1 if self.cfg.use_thumbnail and lim.max_num_tiles > 1 else 0)
+        tiles = self.plan.vision_max_batch_tiles
+        return TrtProfile(min_tiles=1, opt_tiles=min(per_image, tiles), max_tiles=tiles)
+
+    def run_all(self) -> None:
+        import torch
+
+        t, run = self.target, self.run
+        ckpt_weights = _checkpoint_inputs(self.ckpt, _weights_and_configs(self.ckpt))
+        run.step("vision_onnx", ckpt_weights,
+                 {"precision": t.vision_precision, "opset": t.vision.opset, "exporter": "torchscript",
+                  "torch": torch.__version__, "tile": self.cfg.force_image_size}, self.vision_onnx)
+        check = run.step("vision_check", {**self.onnx_files(), **ckpt_weights},
+                         {"tolerance": t.vision.max_abs_error, "batches": list(CHECK_BATCHES), "seed": CHECK_SEED},
+                         self.vision_check, needs=("vision_onnx",))
+        if check is not None and run.report.statuses.get("vision_check") == "skipped":
+            run.log(f"[vision_check] recorded max abs error {check['max_abs_error']:.3e} "
+                    f"(tolerance {check['tolerance']:.1e})")
+        run.report.onnx_check = check
+        if self.gpu:
+            run.step("vision_engine", self.onnx_files(),
+                     {"arch": t.arch, "profile": self.profile().__dict__, "tensorrt": tensorrt_version()},
+                     self.vision_engine, needs=("vision_check",))
+        all_files = tb.checkpoint_files(self.ckpt)
+        llm = run.step("llm_weights", _checkpoint_inputs(self.ckpt, all_files),
+                       {"precision": t.llm_precision, "gpu": self.gpu}, lambda: self.llm_weights(all_files))
+        if self.gpu:
+            run.step("llm_options", {}, {"options": tb.llm_api_options(t, self.plan)},
+                     lambda: ([tb.write_llm_api_options(t, self.plan, self.out / LLM_DIR)], {}))
+        tok_files = tb.tokenizer_files(self.ckpt)
+        run.step("tokenizer", _checkpoint_inputs(self.ckpt, tok_files), {},
+                 lambda: (tb.link_files(tok_files, self.out / TOKENIZER_DIR), {}))
+        if run.report.gpu_errors:
+            run.report.statuses["manifest"] = "blocked"
+            return
+        body = _manifest(self.cfg, t, self.plan, self.model_id, check or {}, llm or {}, self.profile(),
+                         {p.name: run.state.sha256(p) for p in all_files}, run.output_hashes(), run.state.steps)
+        run.step("manifest", {}, {"manifest": body}, lambda: ([mf.write_manifest(self.out, body)], {}))
+
+    # ---- (a) vision encoder → ONNX, checked ------------------------------------------------------------
+    def vision_onnx(self) -> tuple[list[Path], dict[str, Any]]:
+        for stale in self.onnx_path.parent.glob("model.onnx*"):
+            stale.unlink()
+        t = self.target
+        ox.export_vision_onnx(self.cfg, self.encoder(), self.onnx_path, t.vision_precision, t.vision.opset)
+        files = sorted(self.onnx_path.parent.glob("model.onnx*"))  # + external data when > 2 GB
+        return files, {"precision": t.vision_precision, "opset": t.vision.opset}
+
+    def vision_check(self) -> tuple[list[Path], dict[str, Any]]:
+        t = self.target
+        check = ox.check_vision_onnx(self.cfg, self.encoder(), self.onnx_path, t.vision.max_abs_error,
+                                     CHECK_BATCHES, CHECK_SEED)
+        self.run.log(f"[vision_check] ONNX Runtime vs PyTorch on {'+'.join(map(str, CHECK_BATCHES))} random "
+                     f"tiles: max abs error {check.max_abs_error:.3e} (tolerance {check.tolerance:.1e}, "
+                     f"max |reference| {check.max_abs_reference:.3e})")
+        if not check.passed:
+            raise BuildError(f"the vision ONNX graph differs from PyTorch by {check.max_abs_error:.3e}, over "
+                             f"target {t.name}'s tolerance vision.max_abs_error = {check.tolerance:.1e}.")
+        path = self.out / ONNX_CHECK_FILE
+        path.write_text(json.dumps(check.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return [path], check.to_dict()
+
+    # ---- (b) TensorRT plan ----------------------------------------------------------------------------
+    def vision_engine(self) -> tuple[list[Path], dict[str, Any]]:
+        plan_path, cache = self.out / VISION_PLAN, self.out / VISION_TIMING_CACHE
+        build_vision_engine(self.target, self.onnx_path, plan_path, cache, ox.INPUT_NAME,
+                            self.cfg.force_image_size, self.profile())
+        return [plan_path, cache], {"profile": self.profile().__dict__}
+
+    # ---- (c) LLM bundle -------------------------------------------------------------------------------
+    def llm_weights(self, all_files: list[Path]) -> tuple[list[Path], dict[str, Any]]:
+        prec, llm_dir = self.target.llm_precision, self.out / LLM_DIR
+        if not self.gpu:  # the reference engine casts on load
+            return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+        if prec in ("bf16", "fp32"):
+            if tb.float_dtypes(self.ckpt) == {tb.SAFETENSORS_DTYPE[prec]}:
+                return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+            dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[prec]
+            files = tb.convert_checkpoint_dtype(self.ckpt, llm_dir, dtype_name)
+            return files, {"source": f"converted to {dtype_name}", "precision": prec}
+        if tb.quantization_info(self.ckpt) is not None:
+            info = tb.validate_quantized_checkpoint(self.ckpt, self.cfg, prec)
+            return tb.link_files(all_files, llm_dir), {**info, "precision": prec}
+        info = tb.quantize_with_modelopt(self.target, self.ckpt, llm_dir, prec)
+        files = [p for p in tb.checkpoint_files(llm_dir) if p.name != tb.LLM_API_OPTIONS_FILE]
+        return files, {**info, "precision": prec}
 
 
 def _manifest(cfg: VLMConfig, target: TargetConfig, plan: MemoryPlan, model_id: str, check: dict[str, Any],

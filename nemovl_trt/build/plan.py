@@ -266,7 +266,8 @@ def plan_memory(cfg: VLMConfig, target: TargetConfig) -> MemoryPlan:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    """Bytes as GB (1e9) with 2 decimals, or MB below 1 GB."""
+    return f"{n / 1e9:,.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:,.2f} MB"
 
 
 def format_plan(p: MemoryPlan) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nemovl_trt.build.targets import TargetConfig
 
@@ -36,7 +37,7 @@ def cuda_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
 
 
-def require_gpu(target: TargetConfig, module: str, what: str) -> object:
+def require_gpu(target: TargetConfig, module: str, what: str) -> Any:
     """Import `module` and check that device 0 has the target's compute capability; returns the module.
     Raises `GpuUnavailable` with the one-line message otherwise."""
     try:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURE = "NemotronH_Nano_VL_V2"
+WEIGHTS_FILE = "model.safetensors"  # single-file weights
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {tensor: shard file}}
 LAYER_TYPES = {"M": "mamba", "*": "attention", "-": "mlp"}
 
 # ViT sizes by timm model name, as the public RADIO loaders look them up (spec §1.3). A checkpoint

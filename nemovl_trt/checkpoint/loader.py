@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from nemovl_trt.checkpoint.config import CheckpointError, VLMConfig, load_vlm_config, read_json
+from nemovl_trt.checkpoint.config import (
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    CheckpointError,
+    VLMConfig,
+    load_vlm_config,
+    read_json,
+)
 from nemovl_trt.checkpoint.tokenizer import GENERATION_CONFIG_FILE, TokenizerBundle, load_tokenizer
 from nemovl_trt.checkpoint.weights import (
     CLS_TOKEN,
@@ -24,8 +31,8 @@ from nemovl_trt.checkpoint.weights import (
     optional_tensors,
 )
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = WEIGHTS_FILE
+INDEX_FILE = WEIGHTS_INDEX_FILE
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPES_BY_NAME = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -100,7 +107,7 @@ class Checkpoint:
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError for bad files
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from None
 

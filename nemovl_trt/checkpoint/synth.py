@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from nemovl_trt.checkpoint.config import WEIGHTS_FILE as SINGLE_FILE
+from nemovl_trt.checkpoint.config import WEIGHTS_INDEX_FILE as INDEX_FILE
 from nemovl_trt.checkpoint.config import CheckpointError, VLMConfig, parse_vlm_config
-from nemovl_trt.checkpoint.loader import INDEX_FILE, SINGLE_FILE
 from nemovl_trt.checkpoint.presets import preset_config, preset_generation_config
 from nemovl_trt.checkpoint.tokenizer import (
     BOS,
@@ -31,7 +30,9 @@ from nemovl_trt.checkpoint.tokenizer import (
     train_tiny_tokenizer,
     write_tokenizer_files,
 )
-from nemovl_trt.checkpoint.weights import expected_tensors, init_weights
+
+if TYPE_CHECKING:  # torch is imported only when weights are written (12b-config needs none)
+    import torch
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -39,7 +40,6 @@ CONFIG_ONLY_PRESETS = {"12b-config"}  # no weights and no tokenizer: sizes for `
 DEFAULT_MAX_NUM_TILES = 12  # spec §2: the model's default tile budget (preprocessor_config.json max_num_tiles)
 _OWN_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
               SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE, SINGLE_FILE, INDEX_FILE)
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ def shard_plan(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[list[
 def save_tensors(out_dir: Path, tensors: dict[str, torch.Tensor], shard_bytes: int | None = None) -> list[str]:
     """Write `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
     when `shard_bytes` is given and the tensors do not fit in one shard. Returns the file names written."""
+    from safetensors.torch import save_file
+
     meta = {"format": "pt"}
     plan = shard_plan(tensors, shard_bytes) if shard_bytes else [list(tensors)]
     if len(plan) == 1:
@@ -166,8 +168,12 @@ def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, shard_byte
     _dump(out / GENERATION_CONFIG_FILE, {**gen, "_from_model_config": False, "transformers_version": "4.57.0"})
     files += [CONFIG_FILE, PREPROCESSOR_FILE, GENERATION_CONFIG_FILE]
     if preset not in CONFIG_ONLY_PRESETS:
+        import torch
+
+        from nemovl_trt.checkpoint.weights import expected_tensors, init_weights
+
         vlm: VLMConfig = parse_vlm_config(cfg, preprocessor_config(cfg))
-        dtype = _TORCH_DTYPES[vlm.torch_dtype]
+        dtype = getattr(torch, vlm.torch_dtype)
         tensors = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in init_weights(vlm, seed).items()}
         assert list(tensors) == list(expected_tensors(vlm))
         files += save_tensors(out, tensors, shard_bytes)

@@ -85,9 +85,10 @@ def render_chat(template: str, messages: list[dict[str, Any]], tools: list[dict[
 
 
 # ---- the bundle -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenizerBundle:
-    """A checkpoint's tokenizer: the fast BPE, its chat template and its special-token ids."""
+    """A checkpoint's tokenizer: the fast BPE, its chat template and its special-token ids.
+    Compared and hashed by identity (usable as a cache key)."""
 
     tokenizer: Tokenizer = field(compare=False, repr=False)
     chat_template: str = field(repr=False)

@@ -36,6 +36,8 @@ EMBED_STD = 1.0  # token embeddings, the CPE position grid, the CLS/register pre
 BIAS_STD = 0.02  # every bias
 NORM_WEIGHT_STD = 0.05  # norm weights are 1 + N(0, this): not exactly 1, so a forgotten weight is caught
 A_INIT_RANGE = (1.0, 16.0)  # A = -uniform(1, 16) → A_log = log(uniform(1, 16)) (Mamba2 init)
+# dt init range when llm_config lacks time_step_min/max/floor (the transformers NemotronHConfig defaults)
+DT_INIT_DEFAULTS = {"time_step_min": 1e-3, "time_step_max": 1e-1, "time_step_floor": 1e-4}
 
 
 def num_summary_idxs(cfg: VLMConfig) -> int:
@@ -168,9 +170,7 @@ def _init_one(name: str, shape: tuple[int, ...], cfg: VLMConfig, gen: torch.Gene
         lo, hi = A_INIT_RANGE
         return torch.log(torch.empty(shape).uniform_(lo, hi, generator=gen))
     if leaf == "dt_bias":
-        dt_min = float(llm.get("time_step_min", 1e-3))
-        dt_max = float(llm.get("time_step_max", 1e-1))
-        floor = float(llm.get("time_step_floor", 1e-4))
+        dt_min, dt_max, floor = (float(llm.get(k, v)) for k, v in DT_INIT_DEFAULTS.items())
         u = torch.rand(shape, generator=gen)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
         return _inverse_softplus(dt)

@@ -181,6 +181,11 @@ class Mamba2Mixer(nn.Module):
         return MambaState(conv=torch.zeros(self.conv_dim, self.conv_kernel - 1, device=device),
                           ssm=torch.zeros(self.num_heads, self.head_dim, self.state_size, device=device))
 
+    def _heads(self, g: torch.Tensor) -> torch.Tensor:
+        """[B,ng,N] → [B,nh,N]: head h reads group h // (nh/ng)."""
+        b, ng, n = g.shape
+        return g[:, :, None, :].expand(b, ng, self.num_heads // ng, n).reshape(b, self.num_heads, n)
+
     def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
         """dt = clamp(softplus(dt_raw + dt_bias), time_step_limit), fp32. [..., nh] → [..., nh]."""
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())
@@ -204,7 +209,13 @@ class Mamba2Mixer(nn.Module):
         conv_in = torch.cat([conv_prev, xbc.float().transpose(1, 2)], dim=-1)  # [B,Cd,K-1+L]
         w = self.conv1d.weight.float()  # [Cd,1,K]
         bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
-        xbc = F.silu(F.conv1d(conv_in, w, bias, groups=self.conv_dim)).transpose(1, 2)  # [B,L,Cd]
+        if seq == 1:  # decode: out = SiLU(Σ_k w[:,k]·window[:,k] + b) over [K-1 cached, 1 new]
+            xbc = (conv_in * w[:, 0]).sum(-1, keepdim=True)  # [B,Cd,1]
+            if bias is not None:
+                xbc = xbc + bias[:, None]
+            xbc = F.silu(xbc).transpose(1, 2)  # [B,1,Cd]
+        else:
+            xbc = F.silu(F.conv1d(conv_in, w, bias, groups=self.conv_dim)).transpose(1, 2)  # [B,L,Cd]
         new_conv = conv_in[:, :, -(self.conv_kernel - 1):]  # [B,Cd,K-1]
 
         x, Bm, Cm = xbc.split([self.d_inner, self.n_groups * self.state_size,
@@ -217,9 +228,8 @@ class Mamba2Mixer(nn.Module):
         ssm_prev = torch.stack([s.ssm for s in states])  # [B,nh,hd,N]
 
         if seq == 1:
-            rep = self.num_heads // self.n_groups
-            ssm_new, y = ssm_step(ssm_prev, x[:, 0], dt[:, 0], A, Bm[:, 0].repeat_interleave(rep, dim=1),
-                                  Cm[:, 0].repeat_interleave(rep, dim=1), self.D)
+            ssm_new, y = ssm_step(ssm_prev, x[:, 0], dt[:, 0], A, self._heads(Bm[:, 0]), self._heads(Cm[:, 0]),
+                                  self.D)
             y = y[:, None]  # [B,1,nh,hd]
         else:
             y, ssm_new = chunked_ssd_scan(x, dt, A, Bm, Cm, self.D, self.chunk_size, ssm_prev)

@@ -104,13 +104,13 @@ class Attention(nn.Module):
         causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=hidden.device))
         mask = torch.cat([past_ok[:, None, :].expand(b, seq, pmax), causal[None].expand(b, seq, seq)], dim=-1)
 
+        # GQA: query head h uses kv head h // rep, so group the query heads as [nkv, rep]
         rep = self.nq // self.nkv
-        k_all = k_all.repeat_interleave(rep, dim=1)  # [B,nq,P+L,d]  query head h uses kv head h // rep
-        v_all = v_all.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scale  # [B,nq,L,P+L]
-        scores = scores.masked_fill(~mask[:, None], -math.inf)
+        qg = q.view(b, self.nkv, rep, seq, self.d)  # [B,nkv,rep,L,d]
+        scores = torch.matmul(qg, k_all[:, :, None].transpose(-1, -2)) * self.scale  # [B,nkv,rep,L,P+L]
+        scores = scores.masked_fill(~mask[:, None, None], -math.inf)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v_all)  # [B,nq,L,d]
+        out = torch.matmul(probs, v_all[:, :, None]).view(b, self.nq, seq, self.d)  # [B,nq,L,d]
         return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.nq * self.d))
 
 

@@ -36,10 +36,11 @@ over ``max_pixels`` are rejected with ``image_too_large`` before any pixel is de
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import simplejpeg
@@ -146,17 +147,37 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
                               f"{MIN_IMAGE_SIDE}.")
 
 
+def _container_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) read from the PNG IHDR / WEBP VP8X, VP8, VP8L header; None if unreadable."""
+    try:
+        if fmt == "png" and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])
+            return int(w), int(h)
+        if fmt == "webp":
+            kind = data[12:16]
+            if kind == b"VP8X":
+                return (1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little"))
+            if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if kind == b"VP8L" and data[20] == 0x2F:
+                bits = int.from_bytes(data[21:25], "little")
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if fmt == "jpeg":
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            return int(w), int(h)
+    except (ValueError, RuntimeError, struct.error, IndexError):
+        return None
+    return None
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header only, without decoding pixels."""
     fmt = sniff_image_format(data)
-    if fmt == "jpeg":
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            return int(w), int(h)
-        except (ValueError, RuntimeError):
-            pass  # unusual JPEG: let Pillow read the header
-    img = _open_pil(data, max_pixels=None)
-    return img.size
+    size = _container_size(data, fmt)
+    if size is not None:
+        return size
+    return _open_pil(data, max_pixels=None).size
 
 
 def _open_pil(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -202,6 +223,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                                               strict=True)
             except (ValueError, RuntimeError) as e:
                 raise PreprocessError(INVALID_IMAGE, "The JPEG image is corrupt or truncated.") from e
+    size = _container_size(data, fmt)
+    if size is not None:
+        _check_size(size[0], size[1], max_pixels)
     img = _open_pil(data, max_pixels)
     try:
         if getattr(img, "n_frames", 1) > 1:

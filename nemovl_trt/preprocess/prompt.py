@@ -28,8 +28,9 @@ a user could forge media slots.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from nemovl_trt.checkpoint.config import VLMConfig
 from nemovl_trt.checkpoint.tokenizer import TokenizerBundle

@@ -239,9 +239,11 @@ def create_app(settings: Settings) -> FastAPI:
             resp = await _chat(request, t0)
         except APIError as e:
             state.metrics.requests.labels(status=str(e.status)).inc()
+            state.metrics.latency.observe(time.perf_counter() - t0)
             raise
         except Exception:
             state.metrics.requests.labels(status="500").inc()
+            state.metrics.latency.observe(time.perf_counter() - t0)
             raise
         if not isinstance(resp, StreamingResponse):
             state.metrics.requests.labels(status=str(resp.status_code)).inc()

@@ -1,0 +1,220 @@
+"""Preprocessing speed (issue 3, part 6), measured in this process on the CPU.
+
+(a) Image: a 2048×1536 JPEG → 13 normalized 512×512 tiles (4×3 grid + thumbnail) with
+    `nemovl_trt.preprocess.image.preprocess_image`, against
+    * the bare decode of the same bytes (simplejpeg, the fast path's decoder), and
+    * a naive Pillow baseline: Pillow decode, resize, crops, thumbnail, numpy normalize.
+    Target: ours within 2× of the bare decode. The outputs of ours and the baseline are compared
+    bit for bit.
+(b) Video: 128 frames of a 60 s 1280×720 30 fps H.264 clip (libx264 "veryfast": B-frames, GOP 250)
+    with `nemovl_trt.preprocess.video.decode_video`, against decode-every-frame-then-pick (PyAV,
+    every frame decoded and converted to RGB, the sampled ones kept). Both use the same decoder
+    threading. Target: ours at least 3× faster. The sampled frames are compared bit for bit.
+
+Media are generated deterministically into `.cache/bench/preprocess/` (the clip takes about a
+minute to encode the first time). Median of the repetitions; ms per operation.
+
+Run alone: `python -m benchmarks.preprocess_bench [--quick] [--json OUT]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_ROOT / ".cache" / "bench" / "preprocess"
+
+# CLIP normalization, as in the 12B checkpoint's config (any values give the same timings).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+TILE = 512
+MAX_NUM_TILES = 12
+IMAGE_SIZE = (2048, 1536)
+CLIP = {"seconds": 60, "fps": 30, "width": 1280, "height": 720, "preset": "veryfast"}
+VIDEO_FRAMES = 128
+TARGET_IMAGE_RATIO = 2.0  # ours / bare decode, at most
+TARGET_VIDEO_SPEEDUP = 3.0  # decode-all / ours, at least
+
+
+# ------------------------------------------------------------------------------------------- media
+def _photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A smooth gradient with texture and noise (JPEG-compresses like a photo, not like a flat chart)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 128 + 100 * np.sin(x / 97.0) * np.cos(y / 131.0)
+    g = 255.0 * x / w
+    b = 255.0 * y / h * (0.5 + 0.5 * np.sin((x + y) / 41.0))
+    a = np.stack([r, g, b], -1) + rng.normal(0, 12, (h, w, 3))
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def bench_jpeg(cache_dir: Path = CACHE_DIR) -> bytes:
+    path = cache_dir / f"photo_{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}.jpg"
+    if not path.is_file():
+        from PIL import Image
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(_photo_like(*IMAGE_SIZE)).save(buf, "JPEG", quality=90, subsampling=2)
+        path.write_bytes(buf.getvalue())
+    return path.read_bytes()
+
+
+def bench_clip(cache_dir: Path = CACHE_DIR) -> bytes:
+    c = CLIP
+    path = cache_dir / f"clip_{c['seconds']}s_{c['width']}x{c['height']}_{c['fps']}fps_{c['preset']}.mp4"
+    if not path.is_file():
+        import av
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        w, h = c["width"], c["height"]
+        base = _photo_like(w + 8 * c["seconds"] * c["fps"] // 4, h, seed=1)
+        tmp = path.with_suffix(".tmp.mp4")
+        with av.open(str(tmp), "w", format="mp4") as out:
+            s = out.add_stream("libx264", rate=c["fps"])
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.options = {"preset": c["preset"]}
+            for i in range(c["seconds"] * c["fps"]):
+                x0 = 2 * i  # a slow pan over the wide picture
+                fr = np.ascontiguousarray(base[:, x0:x0 + w])
+                for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                    out.mux(p)
+            for p in s.encode():
+                out.mux(p)
+        os.replace(tmp, path)
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def naive_pillow_tiles(data: bytes) -> np.ndarray:
+    """The straightforward path: Pillow decode → resize → crops → thumbnail → numpy normalize."""
+    from PIL import Image
+
+    from nemovl_trt.preprocess.image import tile_grid
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    cols, rows = tile_grid(img.width, img.height, MAX_NUM_TILES)
+    big = img.resize((TILE * cols, TILE * rows), Image.BICUBIC)
+    tiles = [big.crop((c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)) for r in range(rows) for c in range(cols)]
+    if cols * rows > 1:
+        tiles.append(img.resize((TILE, TILE), Image.BICUBIC))
+    x = np.stack([np.asarray(t) for t in tiles]).astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def run_image(reps: int) -> dict[str, Any]:
+    import simplejpeg
+
+    from nemovl_trt.preprocess.image import preprocess_image
+
+    data = bench_jpeg()
+    ours = preprocess_image(data, MAX_NUM_TILES, MEAN, STD).pixel_values
+    exact = bool(np.array_equal(ours, naive_pillow_tiles(data)))
+    t_decode = _median_ms(lambda: simplejpeg.decode_jpeg(data, colorspace="RGB"), reps)
+    t_ours = _median_ms(lambda: preprocess_image(data, MAX_NUM_TILES, MEAN, STD), reps)
+    t_naive = _median_ms(lambda: naive_pillow_tiles(data), reps)
+    ratio = t_ours / t_decode
+    return {
+        "image": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG q90 4:2:0 ({len(data)} bytes)",
+        "tiles": int(ours.shape[0]), "reps": reps,
+        "bare_decode_ms": round(t_decode, 2), "ours_ms": round(t_ours, 2), "naive_pillow_ms": round(t_naive, 2),
+        "ours_over_decode": round(ratio, 2), "naive_over_ours": round(t_naive / t_ours, 2),
+        "bit_exact_vs_naive": exact,
+        "target": f"ours <= {TARGET_IMAGE_RATIO}x bare decode",
+        "pass": bool(ratio <= TARGET_IMAGE_RATIO and exact),
+    }
+
+
+def decode_all_then_pick(data: bytes, indices: list[int], threads: int = 0) -> np.ndarray:
+    """Baseline: decode and convert every frame, keep the sampled ones."""
+    import av
+
+    want = set(indices)
+    kept: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        s.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
+        s.codec_context.thread_count = threads
+        for k, frame in enumerate(c.decode(s)):
+            rgb = frame.to_ndarray(format="rgb24")
+            if k in want:
+                kept[k] = rgb
+    return np.stack([kept[i] for i in indices])
+
+
+def run_video(reps: int, threads: int = 0) -> dict[str, Any]:
+    from nemovl_trt.preprocess.video import decode_video
+
+    data = bench_clip()
+    vf = decode_video(data, num_frames=VIDEO_FRAMES, threads=threads)
+    base = decode_all_then_pick(data, vf.indices, threads=threads)
+    exact = bool(np.array_equal(vf.frames, base))
+    del base
+    t_ours = _median_ms(lambda: decode_video(data, num_frames=VIDEO_FRAMES, threads=threads), reps, warmup=0)
+    t_all = _median_ms(lambda: decode_all_then_pick(data, vf.indices, threads=threads), reps, warmup=0)
+    speedup = t_all / t_ours
+    c = CLIP
+    return {
+        "clip": f"{c['seconds']} s {c['width']}x{c['height']} {c['fps']} fps H.264 ({c['preset']}, "
+                f"{len(data)} bytes, {vf.total_frames} frames)",
+        "frames": len(vf.indices), "reps": reps, "decoder_threads": threads or "auto",
+        "ours_ms": round(t_ours, 1), "decode_all_ms": round(t_all, 1),
+        "decode_all_over_ours": round(speedup, 2), "bit_exact_vs_decode_all": exact,
+        "target": f"ours >= {TARGET_VIDEO_SPEEDUP}x faster than decode-all",
+        "pass": bool(speedup >= TARGET_VIDEO_SPEEDUP and exact),
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Both measurements; prints a summary and returns the results (JSON-serializable)."""
+    image = run_image(reps=5 if quick else 15)
+    print(f"[preprocess] image {image['image']} -> {image['tiles']} tiles: ours {image['ours_ms']} ms, "
+          f"bare decode {image['bare_decode_ms']} ms, naive Pillow {image['naive_pillow_ms']} ms; "
+          f"ours/decode = {image['ours_over_decode']}x (target <= {TARGET_IMAGE_RATIO}x), "
+          f"naive/ours = {image['naive_over_ours']}x, bit-exact {image['bit_exact_vs_naive']} "
+          f"-> {'PASS' if image['pass'] else 'FAIL'}", flush=True)
+    video = run_video(reps=1)
+    print(f"[preprocess] video {video['clip']} -> {video['frames']} frames: ours {video['ours_ms']} ms, "
+          f"decode-all {video['decode_all_ms']} ms; speed-up = {video['decode_all_over_ours']}x "
+          f"(target >= {TARGET_VIDEO_SPEEDUP}x), bit-exact {video['bit_exact_vs_decode_all']} "
+          f"-> {'PASS' if video['pass'] else 'FAIL'}", flush=True)
+    return {"image": image, "video": video, "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer image repetitions")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    res = run(quick=args.quick)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
