@@ -226,3 +226,44 @@ def test_onnx_error_over_the_target_tolerance_fails_the_build(cpu_engines_dir, t
     assert len(errors) == 1 and "the vision ONNX graph differs from PyTorch by" in errors[0]
     assert "tolerance vision.max_abs_error = 1.0e-12" in errors[0]
     assert not (out / "manifest.json").exists()  # a failed build leaves no manifest behind
+
+
+def test_nvfp4_checkpoint_validation_checks_packing_and_block_scales(tiny_ckpt_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nemovl_trt.build.trtllm_bundle import BundleError, quantized_linears, validate_quantized_checkpoint
+    from nemovl_trt.checkpoint.config import load_vlm_config
+
+    q = tmp_path / "nvfp4"
+    shutil.copytree(tiny_ckpt_dir, q)
+    cfg = load_vlm_config(q)
+    tensors = load_file(str(q / "model.safetensors"))
+    linears = quantized_linears(cfg, ["*layers.0.*"])  # layer 0 excluded: stays 16/32-bit
+    assert all(".layers.0." not in name for name, _, _ in linears)
+    for name, out_f, in_f in linears:
+        tensors[f"{name}.weight"] = torch.zeros(out_f, in_f // 2, dtype=torch.uint8)
+        tensors[f"{name}.weight_scale"] = torch.ones(out_f, in_f // 16).to(torch.float8_e4m3fn)
+        tensors[f"{name}.weight_scale_2"] = torch.tensor(1.0)
+        tensors[f"{name}.input_scale"] = torch.tensor(1.0)
+    save_file(tensors, str(q / "model.safetensors"))
+    (q / "hf_quant_config.json").write_text(json.dumps(
+        {"quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "exclude_modules": ["*layers.0.*"]}}))
+    info = validate_quantized_checkpoint(q, cfg, "nvfp4")
+    assert info["quant_algo"] == "NVFP4" and info["quantized_linears"] == len(linears)
+    name, out_f, in_f = linears[0]
+    tensors[f"{name}.weight_scale"] = torch.ones(out_f, in_f // 16)  # fp32 block scales: wrong dtype
+    save_file(tensors, str(q / "model.safetensors"))
+    with pytest.raises(BundleError, match=rf"'{name}.weight_scale' is F32 \[{out_f}, {in_f // 16}\], expected F8_E4M3"):
+        validate_quantized_checkpoint(q, cfg, "nvfp4")
+
+
+def test_load_manifest_rejects_a_dir_missing_a_named_file(cpu_engines_dir, tmp_path):
+    from nemovl_trt.build.manifest import ManifestError
+
+    out = tmp_path / "eng"
+    shutil.copytree(cpu_engines_dir, out)
+    (out / "vision" / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"names vision_onnx 'vision/model.onnx', which does not exist"):
+        load_manifest(out)
+    with pytest.raises(ManifestError, match=r"does not exist; run `nemovl-build engines` first"):
+        load_manifest(tmp_path)

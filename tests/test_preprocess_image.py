@@ -226,3 +226,9 @@ def test_truncated_images():
     assert _code(jpg[: len(jpg) // 2]) == "invalid_image"
     assert _code(png[: len(png) // 2]) == "invalid_image"
     assert _code(_png_header_only(100, 100)) == "invalid_image"
+
+
+def test_rgbx_input_gives_the_same_tiles():
+    rgb = _pattern(900, 700, seed=7)
+    rgbx = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=-1)
+    assert np.array_equal(image_to_tiles(rgbx, 12, MEAN, STD), image_to_tiles(rgb, 12, MEAN, STD))

@@ -26,7 +26,9 @@ from nemovl_trt.checkpoint.config import VLMConfig, read_json
 LLM_API_OPTIONS_FILE = "llm_api_options.yaml"
 HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   # eos ids: load_tokenizer reads them from here when present (else only tokenizer_config's eos)
+                   "generation_config.json")
 # ModelOpt quant_algo names per target precision.
 QUANT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
 SAFETENSORS_DTYPE = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
@@ -274,8 +276,10 @@ def validate_quantized_checkpoint(ckpt_dir: Path, cfg: VLMConfig, precision: str
 def quantize_with_modelopt(target: TargetConfig, ckpt_dir: Path, out_dir: Path, precision: str) -> dict[str, Any]:
     """Quantize the LLM to `precision` with ModelOpt post-training quantization on a GPU of the target's
     architecture and export a Hugging Face checkpoint to `out_dir`. Needs `nvidia-modelopt`, `transformers`
-    with the model's remote code and a CUDA build of torch; raises `GpuUnavailable` otherwise.
-    Not exercised in CI."""
+    with the model's remote code (the Hugging Face BF16 checkpoint) and a CUDA build of torch; raises
+    `GpuUnavailable` otherwise. The vision tower and projector stay in 16-bit. Not exercised in CI; the
+    official -FP8 / -NVFP4-QAD checkpoints can be passed instead and are validated by
+    `validate_quantized_checkpoint`."""
     mtq = require_gpu(target, "modelopt.torch.quantization", "ModelOpt")
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -287,10 +291,10 @@ def quantize_with_modelopt(target: TargetConfig, ckpt_dir: Path, out_dir: Path, 
     calib = ["Describe the invoice total and the due date.", "Summarize the chart in one sentence.",
              "What happens in this video?", "List the steps in the manual."]
 
-    def forward_loop(m: Any) -> None:
+    def forward_loop(lm: Any) -> None:  # ModelOpt passes the module being calibrated (the language model)
         for text in calib:
             ids = tok(text, return_tensors="pt").input_ids.cuda()
-            m.language_model(input_ids=ids)
+            lm(input_ids=ids)
 
     mtq.quantize(model.language_model, quant_cfg, forward_loop)
     export_hf_checkpoint(model, export_dir=str(out_dir))

@@ -207,6 +207,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     Raises:
         PreprocessError: ``invalid_image``, ``image_too_small`` or ``image_too_large``.
     """
+    return _decode(data, max_pixels, rgbx=False)
+
+
+def _decode(data: bytes, max_pixels: int, rgbx: bool) -> np.ndarray:
+    """`decode_image`; with ``rgbx`` the fast JPEG path returns ``[H, W, 4]`` RGBX (X unused), which
+    Pillow can wrap without a copy (its RGB images are stored as 4 bytes per pixel anyway)."""
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
         raise PreprocessError(INVALID_IMAGE, "The image is empty.")
     data = bytes(data)
@@ -219,8 +225,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         if colorspace in _FAST_JPEG_COLORSPACES:
             _check_size(int(w), int(h), max_pixels)
             try:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
-                                              strict=True)
+                return simplejpeg.decode_jpeg(data, colorspace="RGBX" if rgbx else "RGB", fastdct=False,
+                                              fastupsample=False, strict=True)
             except (ValueError, RuntimeError) as e:
                 raise PreprocessError(INVALID_IMAGE, "The JPEG image is corrupt or truncated.") from e
     size = _container_size(data, fmt)
@@ -250,7 +256,7 @@ def _normalize_grid_into(rgb: np.ndarray, cols: int, rows: int, tile: int, mean:
     Per block: uint8 → float32 (exact), then ``/255``, ``−mean``, ``/std`` in place, each a float32
     IEEE operation exactly as in the reference (`mean`, `std`: float32 [3, 1, 1]).
     """
-    src = rgb.reshape(rows, tile, cols, tile, 3)
+    src = rgb.reshape(rows, tile, cols, tile, rgb.shape[-1])[..., :3]
     dst = out.reshape(rows, cols, 3, tile, tile)
     scale = np.float32(255.0)
     for r in range(rows):
@@ -268,10 +274,19 @@ def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, 
             np.asarray(std, dtype=np.float32).reshape(3, 1, 1))
 
 
+def _as_pil(rgb: np.ndarray) -> Image.Image:
+    """A Pillow image of uint8 [H, W, 3] (copied) or contiguous [H, W, 4] RGBX (shared, no copy)."""
+    if rgb.shape[-1] == 4 and rgb.flags.c_contiguous:
+        return Image.frombuffer("RGBX", (rgb.shape[1], rgb.shape[0]), rgb, "raw", "RGBX", 0, 1)
+    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+
+
 def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pillow bicubic resize of [H, W, 3|4] uint8 (channels resampled independently, so RGBX gives
+    the same RGB values as RGB)."""
     if rgb.shape[1] == width and rgb.shape[0] == height:
         return rgb  # Pillow's resize to the same size is a plain copy
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC))
+    return np.asarray(_as_pil(rgb).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], std: Sequence[float],
@@ -279,7 +294,7 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
     """Tile and normalize one RGB image (spec §2.2–2.8).
 
     Args:
-        rgb: uint8 ``[H, W, 3]``.
+        rgb: uint8 ``[H, W, 3]`` (or ``[H, W, 4]`` RGBX, the 4th channel ignored).
         max_num_tiles: 1..12.
         mean, std: per-channel normalization (checkpoint ``norm_mean`` / ``norm_std``).
         tile: tile side in pixels (checkpoint ``force_image_size``).
@@ -290,8 +305,8 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
         float32 ``[n, 3, tile, tile]`` with n = `num_tiles`(W, H, max_num_tiles): grid tiles in
         row-major order, then the thumbnail.
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected uint8 [H,W,3], got {rgb.dtype} {rgb.shape}")
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [H,W,3] or [H,W,4], got {rgb.dtype} {rgb.shape}")
     height, width = rgb.shape[:2]
     cols, rows = tile_grid(width, height, max_num_tiles, tile)
     n_grid = cols * rows
@@ -304,7 +319,7 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
         _normalize_grid_into(small, 1, 1, tile, m, s, out[n_grid:])
 
     fut = _pool().submit(do_thumb) if (thumb and parallel) else None
-    resized = _resize(np.ascontiguousarray(rgb), tile * cols, tile * rows)
+    resized = _resize(rgb, tile * cols, tile * rows)
     _normalize_grid_into(resized, cols, rows, tile, m, s, out[:n_grid])
     if fut is not None:
         fut.result()
@@ -340,7 +355,7 @@ def preprocess_image(data: bytes, max_num_tiles: int, mean: Sequence[float], std
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageTiles:
     """Bytes → normalized tiles (decode_image + image_to_tiles). Raises PreprocessError."""
     _check_max_num_tiles(max_num_tiles)
-    rgb = decode_image(data, max_pixels=max_pixels)
+    rgb = _decode(data, max_pixels, rgbx=True)
     pv = image_to_tiles(rgb, max_num_tiles, mean, std, tile=tile, use_thumbnail=use_thumbnail)
     return ImageTiles(pixel_values=pv, num_tiles=int(pv.shape[0]), width=int(rgb.shape[1]),
                       height=int(rgb.shape[0]))
