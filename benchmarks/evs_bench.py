@@ -66,7 +66,7 @@ async def _run(triton_url: str, repeats: int, rates: tuple[float, ...]) -> list[
     return rows
 
 
-def bench_evs(triton_url: str, repeats: int = 5, rates: tuple[float, ...] = RATES) -> dict[str, Any]:
+def bench_evs(triton_url: str, repeats: int = 3, rates: tuple[float, ...] = RATES) -> dict[str, Any]:
     """TTFT and prompt tokens per pruning rate for one generated clip (VIDEO, SAMPLED_FRAMES frames)."""
     rows = asyncio.run(_run(triton_url, repeats, rates))
     return {"video": {**VIDEO, "sampled_frames": SAMPLED_FRAMES, "codec": "h264"}, "repeats": repeats,
@@ -76,7 +76,7 @@ def bench_evs(triton_url: str, repeats: int = 5, rates: tuple[float, ...] = RATE
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--triton", required=True, help="HOST:PORT of a running Triton gRPC endpoint")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "evs.json")
     args = ap.parse_args(argv)
     result = {"benchmark": "evs", "time": utc_now(), "machine": machine_info(),

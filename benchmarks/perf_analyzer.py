@@ -29,7 +29,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, make_jpeg, s
 INPUT_DIR = REPO_ROOT / "benchmarks" / "input_data"
 FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch_perf_analyzer.sh"
 CONCURRENCIES = (1, 2, 4)
-IMAGE = {"width": 768, "height": 512}
+IMAGE = {"width": 1024, "height": 512}  # 2×1 tiles + thumbnail, as in serving_bench
 MAX_TOKENS = 16
 
 
@@ -107,22 +107,28 @@ def parse_csv(csv_path: Path) -> dict[str, float]:
 
 
 def parse_export(export_path: Path) -> dict[str, Any]:
-    """TTFT / ITL / e2e (ms) from the profile export's request and response timestamps (ns)."""
-    data = json.loads(export_path.read_text())
+    """TTFT / ITL / e2e (ms) and request throughput (first send → last response) from the profile export's
+    request and response timestamps (ns)."""
+    data = json.loads(export_path.read_bytes().decode("utf-8", "replace"))
     ttft, itl, e2e, responses = [], [], [], []
+    first_send, last_response = None, None
     for exp in data.get("experiments", []):
         for req in exp.get("requests", []):
             t0 = req.get("timestamp")
             stamps = sorted(req.get("response_timestamps") or [])
             if t0 is None or not stamps:
                 continue
+            first_send = t0 if first_send is None else min(first_send, t0)
+            last_response = stamps[-1] if last_response is None else max(last_response, stamps[-1])
             ttft.append((stamps[0] - t0) / 1e6)
             e2e.append((stamps[-1] - t0) / 1e6)
             responses.append(len(stamps))
             if len(stamps) > 1:
                 itl.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) / 1e6)
+    span_s = (last_response - first_send) / 1e9 if first_send is not None and last_response is not None else None
     return {"requests": len(e2e), "responses_per_request_mean": sum(responses) / len(responses) if responses
-            else None, "ttft_ms": summarize(ttft), "itl_ms": summarize(itl), "e2e_ms": summarize(e2e)}
+            else None, "span_s": span_s, "throughput_rps": len(e2e) / span_s if span_s else None,
+            "ttft_ms": summarize(ttft), "itl_ms": summarize(itl), "e2e_ms": summarize(e2e)}
 
 
 def run_one(binary: Path, triton_url: str, kind: str, data_file: Path, concurrency: int, request_count: int,
@@ -152,7 +158,8 @@ def run_one(binary: Path, triton_url: str, kind: str, data_file: Path, concurren
 
 
 def bench_perf_analyzer(triton_url: str, concurrencies: tuple[int, ...] = CONCURRENCIES,
-                        request_count: int = 16, timeout_s: float = 120.0) -> dict[str, Any]:
+                        request_count: int = 16, image_request_count: int = 8,
+                        timeout_s: float = 120.0) -> dict[str, Any]:
     """Fetch perf_analyzer and run text and image inputs at each concurrency.
 
     Returns {"available": False, "reason": ...} when the binary cannot be fetched or started.
@@ -165,14 +172,17 @@ def bench_perf_analyzer(triton_url: str, concurrencies: tuple[int, ...] = CONCUR
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return {"available": False, "reason": str(exc)}
     files = write_input_data()
-    runs = [run_one(binary, triton_url, kind, files[kind], c, request_count, timeout_s)
+    counts = {"text": request_count, "image": image_request_count}
+    for kind in ("text", "image"):  # warm-up (discarded): first requests pay one-time costs in the models
+        run_one(binary, triton_url, kind, files[kind], 1, 2, timeout_s)
+    runs = [run_one(binary, triton_url, kind, files[kind], c, max(counts[kind], c), timeout_s)
             for kind in ("text", "image") for c in concurrencies]
     for r in runs:
         status = f"{r['throughput_infer_per_s']:.2f} infer/s" if r["ok"] else f"FAILED: {r['error']}"
         print(f"[perf_analyzer] {r['input']:5s} c={r['concurrency']}: {status}", flush=True)
     return {"available": True, "binary": str(binary.relative_to(REPO_ROOT)) if binary.is_relative_to(REPO_ROOT)
             else str(binary), "tritonclient_wheel": "2.50.0", "request_count": request_count,
-            "max_tokens": MAX_TOKENS, "runs": runs}
+            "image_request_count": image_request_count, "max_tokens": MAX_TOKENS, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:

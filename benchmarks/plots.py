@@ -64,28 +64,43 @@ def plot_serving(results: dict[str, Any], out: Path) -> Path | None:
 
 
 def plot_overhead(results: dict[str, Any], out: Path) -> Path | None:
-    """Frontend added latency per request (e2e p50/p99) and per token (ITL p50) at each concurrency."""
-    runs = results.get("serving", {}).get("runs") or []
+    """Frontend added latency at concurrency 1 (its own cost, not queueing), per workload: per request
+    (e2e p50 difference, with the paired median's 95 % bootstrap interval as error bar) and per
+    streamed token (ITL p50 difference); OpenAI SDK client and plain-httpx client side by side."""
+    runs = [r for r in (results.get("serving", {}).get("runs") or []) if r["concurrency"] == 1]
     if not runs:
         return None
     targets = results.get("serving", {}).get("targets", {})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    labels = [f"{r['workload']}\nc={r['concurrency']}" for r in runs]
-    x = range(len(runs))
-    ov = [r["frontend_overhead"] for r in runs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(len(runs)))
 
     def val(v: float | None) -> float:
         return float("nan") if v is None else v
 
-    ax1.bar([i - 0.2 for i in x], [val(o["e2e_ms"]["p50"]) for o in ov], 0.4, label="p50", color="tab:blue")
-    ax1.bar([i + 0.2 for i in x], [val(o["e2e_ms"]["p99"]) for o in ov], 0.4, label="p99", color="tab:cyan")
-    ax1.axhline(targets.get("overhead_p50_ms_max", 2.0), color="red", ls="--", lw=1, label="target p50 ≤ 2 ms")
-    ax1.set_title("frontend added latency per request: e2e (a) − (b), ms", fontsize=9)
-    ax2.bar(list(x), [val(o["per_token_ms"]["p50"]) for o in ov], 0.5, color="tab:green", label="p50")
+    for off, key, pkey, name, color in ((-0.2, "frontend_overhead", "paired_overhead", "OpenAI SDK client", "tab:blue"),
+                                        (0.2, "frontend_overhead_raw_sse", "paired_overhead_raw_sse",
+                                         "plain httpx client", "tab:cyan")):
+        if not any(r.get(key) for r in runs):
+            continue
+        p50 = [val((r.get(key) or {}).get("e2e_ms", {}).get("p50")) for r in runs]
+        lo, hi = [], []
+        for r in runs:
+            ci = ((r.get(pkey) or {}).get("e2e_ms") or {}).get("ci95")
+            med = ((r.get(pkey) or {}).get("e2e_ms") or {}).get("median")
+            lo.append(max(0.0, med - ci[0]) if ci and med is not None else 0.0)
+            hi.append(max(0.0, ci[1] - med) if ci and med is not None else 0.0)
+        meds = [val(((r.get(pkey) or {}).get("e2e_ms") or {}).get("median")) for r in runs]
+        ax1.bar([i + off for i in x], p50, 0.4, color=color, label=f"{name}: p50(a) − p50(b)")
+        ax1.errorbar([i + off for i in x], meds, yerr=[lo, hi], fmt="k.", capsize=3, lw=1,
+                     label="paired median, 95% CI" if off < 0 else None)
+        ax2.bar([i + off for i in x], [val((r.get(key) or {}).get("per_token_ms", {}).get("p50")) for r in runs],
+                0.4, color=color, label=name)
+    ax1.axhline(targets.get("overhead_p50_ms_max", 2.0), color="red", ls="--", lw=1, label="target ≤ 2 ms")
     ax2.axhline(targets.get("per_token_ms_max", 0.2), color="red", ls="--", lw=1, label="target ≤ 0.2 ms")
-    ax2.set_title("frontend added latency per streamed token: ITL (a) − (b), ms", fontsize=9)
+    ax1.set_title("frontend added latency per request, concurrency 1 (ms)", fontsize=9)
+    ax2.set_title("frontend added latency per streamed token, concurrency 1 (ms)", fontsize=9)
     for ax in (ax1, ax2):
-        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_xticks(x, [r["workload"] for r in runs])
         ax.axhline(0, color="black", lw=0.5)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
@@ -160,9 +175,10 @@ def plot_perf_analyzer(results: dict[str, Any], out: Path) -> Path | None:
         if not rows:
             continue
         c = [r["concurrency"] for r in rows]
-        ax1.plot(c, [r["throughput_infer_per_s"] for r in rows], style, label=kind)
+        ax1.plot(c, [(r.get("from_export") or {}).get("throughput_rps") or float("nan") for r in rows], style,
+                 label=kind)
         ax2.plot(c, [(r["latency_us"].get("p50 latency") or float("nan")) / 1e3 for r in rows], style, label=kind)
-    ax1.set_title("perf_analyzer: infer/s (gRPC streaming)", fontsize=9)
+    ax1.set_title("perf_analyzer: requests/s (from its timestamps; gRPC streaming)", fontsize=9)
     ax2.set_title("perf_analyzer: p50 request latency (ms)", fontsize=9)
     for ax in (ax1, ax2):
         ax.set_xlabel("concurrency")

@@ -165,7 +165,15 @@ def decode_all_then_pick(data: bytes, indices: list[int], threads: int = 0) -> n
     return np.stack([kept[i] for i in indices])
 
 
-def run_video(reps: int, threads: int = 0) -> dict[str, Any]:
+def decord_get_batch(data: bytes, indices: list[int]) -> np.ndarray:
+    """decord's own batch read of the same indices (for the record; not the target's baseline)."""
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(data), num_threads=0)
+    return vr.get_batch(indices).asnumpy()
+
+
+def run_video(reps: int, threads: int = 0, with_decord: bool = False) -> dict[str, Any]:
     from nemovl_trt.preprocess.video import decode_video
 
     data = bench_clip()
@@ -176,8 +184,11 @@ def run_video(reps: int, threads: int = 0) -> dict[str, Any]:
     t_ours = _median_ms(lambda: decode_video(data, num_frames=VIDEO_FRAMES, threads=threads), reps, warmup=0)
     t_all = _median_ms(lambda: decode_all_then_pick(data, vf.indices, threads=threads), reps, warmup=0)
     speedup = t_all / t_ours
+    extra: dict[str, Any] = {}
+    if with_decord:
+        extra["decord_get_batch_ms"] = round(_median_ms(lambda: decord_get_batch(data, vf.indices), 1, 0), 1)
     c = CLIP
-    return {
+    return {**extra,
         "clip": f"{c['seconds']} s {c['width']}x{c['height']} {c['fps']} fps H.264 ({c['preset']}, "
                 f"{len(data)} bytes, {vf.total_frames} frames)",
         "frames": len(vf.indices), "reps": reps, "decoder_threads": threads or "auto",
@@ -188,7 +199,7 @@ def run_video(reps: int, threads: int = 0) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, with_decord: bool = False) -> dict[str, Any]:
     """Both measurements; prints a summary and returns the results (JSON-serializable)."""
     image = run_image(reps=5 if quick else 15)
     print(f"[preprocess] image {image['image']} -> {image['tiles']} tiles: ours {image['ours_ms']} ms, "
@@ -196,7 +207,7 @@ def run(quick: bool = False) -> dict[str, Any]:
           f"ours/decode = {image['ours_over_decode']}x (target <= {TARGET_IMAGE_RATIO}x), "
           f"naive/ours = {image['naive_over_ours']}x, bit-exact {image['bit_exact_vs_naive']} "
           f"-> {'PASS' if image['pass'] else 'FAIL'}", flush=True)
-    video = run_video(reps=1)
+    video = run_video(reps=1, with_decord=with_decord)
     print(f"[preprocess] video {video['clip']} -> {video['frames']} frames: ours {video['ours_ms']} ms, "
           f"decode-all {video['decode_all_ms']} ms; speed-up = {video['decode_all_over_ours']}x "
           f"(target >= {TARGET_VIDEO_SPEEDUP}x), bit-exact {video['bit_exact_vs_decode_all']} "
@@ -207,9 +218,10 @@ def run(quick: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer image repetitions")
+    ap.add_argument("--with-decord", action="store_true", help="also time decord get_batch (~15 s)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    res = run(quick=args.quick)
+    res = run(quick=args.quick, with_decord=args.with_decord)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")

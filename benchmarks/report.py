@@ -21,19 +21,43 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     serving = (results.get("serving") or {}).get("targets", {}).get("by_workload", {})
     for w, t in serving.items():
+        ci = t.get("paired_ci95_ms")
+        paired = (f"; paired median {_f(t.get('paired_median_ms'), 2)} ms, 95% CI [{_f(ci[0], 2)}, {_f(ci[1], 2)}]"
+                  if ci else "")
         lines.append(f"{'PASS' if t['request_pass'] else 'FAIL'}  frontend overhead per request, {w}, c=1: "
-                     f"p50 {_f(t['overhead_p50_ms'], 2)} ms (target ≤ 2 ms), p99 {_f(t['overhead_p99_ms'], 2)} ms")
+                     f"p50 {_f(t['overhead_p50_ms'], 2)} ms (target ≤ 2 ms), p99 {_f(t['overhead_p99_ms'], 2)} ms"
+                     f"{paired}")
         lines.append(f"{'PASS' if t['token_pass'] else 'FAIL'}  frontend overhead per streamed token, {w}, c=1: "
                      f"p50 {_f(t['per_token_p50_ms'], 3)} ms (target ≤ 0.2 ms)")
         if t.get("raw_sse_overhead_p50_ms") is not None:
             lines.append(f"info  same, client = plain httpx instead of the OpenAI SDK, {w}: per request p50 "
                          f"{_f(t['raw_sse_overhead_p50_ms'], 2)} ms, per token p50 "
                          f"{_f(t.get('raw_sse_per_token_p50_ms'), 3)} ms")
+    for name, part in _preprocess_parts(results):
+        lines.append(f"{'PASS' if part['pass'] else 'FAIL'}  preprocessing, {name}: {part['target']} "
+                     f"({_numbers(part)})")
+    floor = ((results.get("serving") or {}).get("http_floor_ms") or {}).get("p50")
+    if floor is not None:
+        lines.append(f"info  one HTTP round trip to the frontend (GET /health, plain httpx): p50 {_f(floor, 2)} ms")
     eng = (results.get("batching") or {}).get("engine")
     if isinstance(eng, dict) and "speedup" in eng:
         lines.append(f"{'PASS' if eng['pass'] else 'FAIL'}  continuous batching, reference engine: concurrency 8 = "
                      f"{_f(eng['speedup'], 2)}× concurrency 1 (target ≥ {_f(eng['target'], 0)}×)")
     return lines
+
+
+def _preprocess_parts(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The sub-results of benchmarks/preprocess_bench.py that state a target and a pass flag."""
+    pre = results.get("preprocess")
+    if not isinstance(pre, dict):
+        return []
+    return [(k, v) for k, v in pre.items() if isinstance(v, dict) and "target" in v and "pass" in v]
+
+
+def _numbers(part: dict[str, Any]) -> str:
+    """`key value` for the measured numbers of a preprocessing sub-result."""
+    return ", ".join(f"{k} {_f(v, 2)}" for k, v in part.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("reps", "tiles", "frames"))
 
 
 def _serving_table(results: dict[str, Any]) -> list[str]:
@@ -98,17 +122,18 @@ def _pa_table(results: dict[str, Any]) -> list[str]:
         return []
     if not pa.get("available"):
         return [f"perf_analyzer could not run here: {pa.get('reason')}"]
-    out = ["| input | conc | infer/s | p50 latency (ms) | p99 latency (ms) | TTFT p50 (ms) | status |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| input | conc | req/s (timestamps) | infer/s (perf_analyzer) | p50 latency (ms) | p99 latency (ms) | "
+           "TTFT p50 (ms) | ITL p50 (ms) | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in pa.get("runs", []):
         if r.get("ok"):
             lat = r["latency_us"]
-            ttft = (r.get("from_export") or {}).get("ttft_ms", {}).get("p50")
-            out.append(f"| {r['input']} | {r['concurrency']} | {_f(r['throughput_infer_per_s'], 2)} | "
+            ex = r.get("from_export") or {}
+            out.append(f"| {r['input']} | {r['concurrency']} | {_f(ex.get('throughput_rps'), 2)} | "
+                       f"{_f(r['throughput_infer_per_s'], 2)} | "
                        f"{_f((lat.get('p50 latency') or 0) / 1e3)} | {_f((lat.get('p99 latency') or 0) / 1e3)} | "
-                       f"{_f(ttft)} | ok |")
+                       f"{_f(ex.get('ttft_ms', {}).get('p50'))} | {_f(ex.get('itl_ms', {}).get('p50'), 2)} | ok |")
         else:
-            out.append(f"| {r['input']} | {r['concurrency']} | — | — | — | — | {r.get('error')} |")
+            out.append(f"| {r['input']} | {r['concurrency']} | — | — | — | — | — | — | {r.get('error')} |")
     return out
 
 
@@ -126,7 +151,9 @@ def render_readme(results: dict[str, Any]) -> str:
         f"- When: {results.get('time')} · total `make bench` wall time: {_f(results.get('wall_s'), 0)} s",
         f"- Command: `{results.get('command')}`",
         f"- Machine: {m.get('cpu_model')} · {m.get('nproc')} cores · {m.get('ram_gib')} GiB RAM · no GPU · "
-        f"{m.get('os')} · Python {m.get('python')} · load average at start {_f((m.get('loadavg_1_5_15') or [None])[0], 2)}",
+        f"{m.get('os')} · Python {m.get('python')} · load average (1 min) at start "
+        f"{_f((m.get('loadavg_1_5_15') or [None])[0], 2)}, at end {_f((m.get('loadavg_at_end') or [None])[0], 2)} "
+        "(the machine is shared; a load above 2 means other processes competed for the cores)",
         f"- Versions: torch {pk.get('torch')}, numpy {pk.get('numpy')}, onnxruntime {pk.get('onnxruntime')}, "
         f"tritonserver from nvidia-pytriton {pk.get('nvidia-pytriton')}, tritonclient {pk.get('tritonclient')}, "
         f"openai {pk.get('openai')}, fastapi {pk.get('fastapi')}, uvicorn {pk.get('uvicorn')}",
@@ -149,22 +176,31 @@ def render_readme(results: dict[str, Any]) -> str:
         ("## Frontend added latency = (a) − (b)",
          "Difference of the two paths' percentiles. At c=1 the paths take turns request by request, and "
          "the same HTTP requests are also sent from plain httpx (json.loads per SSE event) to show how much "
-         "of (a) − (b) is the OpenAI SDK's own client-side parsing.",
+         "of (a) − (b) is the OpenAI SDK's own client-side parsing. At c>1 the two paths run one after the "
+         "other, so for image and video (seconds per request, CPU-bound) the differences are mostly noise.",
          _overhead_table(results)),
         ("## Continuous batching", "Same prompts, every request generates exactly the same number of tokens.",
          _batching_table(results)),
         ("## EVS (video pruning rate q)", "Same clip, same sampled frames; TTFT through Triton direct.",
          _evs_table(results)),
         ("## perf_analyzer (gRPC streaming against `nemovl`)",
-         "Inputs: `benchmarks/input_data/{text,image}.json`; command per row in perf_analyzer.json.",
+         "Inputs: `benchmarks/input_data/{text,image}.json` (16 tokens, `ignore_eos`); the exact command of "
+         "each row is in perf_analyzer.json. req/s is computed from the profile export's timestamps (first "
+         "send → last response), next to perf_analyzer's own Inferences/Second.",
          _pa_table(results)),
     )
     for title, text, table in sections:
         if table:
             lines += [title, "", text, "", *table, ""]
-    pre = results.get("preprocess")
-    if isinstance(pre, dict) and pre:
-        lines += ["## Preprocessing", "", "See `preprocess.json` (benchmarks/preprocess_bench.py).", ""]
+    parts = _preprocess_parts(results)
+    if parts:
+        lines += ["## Preprocessing (benchmarks/preprocess_bench.py)", "", "| part | input | target | numbers | result |",
+                  "|---|---|---|---|---|"]
+        for name, part in parts:
+            what = part.get("image") or part.get("clip") or ""
+            lines.append(f"| {name} | {what} | {part['target']} | {_numbers(part)} | "
+                         f"{'PASS' if part['pass'] else 'FAIL'} |")
+        lines.append("")
     errors = results.get("errors") or {}
     if errors:
         lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]

@@ -123,6 +123,8 @@ def _served_sections(results: dict[str, Any], info: stack_mod.BuildInfo, only: s
             raise
         results["stack"]["startup_seconds"] = {"tritonserver": round(t1 - t0, 1),
                                                "frontend": round(time.perf_counter() - t1, 1)}
+        results["stack"]["frontend_command"] = shlex.join(["nemovl", *fe.command()[1:]])
+        results["stack"]["tritonserver_log"] = str(triton.log_path)
         return triton, fe
 
     servers = _section(results, "start-servers", start)
@@ -136,6 +138,7 @@ def _served_sections(results: dict[str, Any], info: stack_mod.BuildInfo, only: s
             def _serving() -> dict[str, Any]:
                 budget = serving_bench.QUICK if quick else serving_bench.Budget()
                 return serving_bench.bench_serving(fe.base_url, _model_id(fe.base_url), triton.grpc_url,
+                                                   concurrencies=(1, 2) if quick else serving_bench.CONCURRENCIES,
                                                    budget=budget)
             results["serving"] = _section(results, "serving", _serving)
         if "batching" in only:
@@ -148,11 +151,11 @@ def _served_sections(results: dict[str, Any], info: stack_mod.BuildInfo, only: s
             from benchmarks import evs_bench
 
             results["evs"] = _section(results, "evs",
-                                      lambda: evs_bench.bench_evs(triton.grpc_url, repeats=1 if quick else 5))
+                                      lambda: evs_bench.bench_evs(triton.grpc_url, repeats=1 if quick else 3))
         if "perf_analyzer" in only:
             from benchmarks import perf_analyzer
 
-            kw = {"concurrencies": (1, 2), "request_count": 4} if quick else {}
+            kw = {"concurrencies": (1, 2), "request_count": 4, "image_request_count": 2} if quick else {}
             results["perf_analyzer"] = _section(results, "perf_analyzer",
                                                 lambda: perf_analyzer.bench_perf_analyzer(triton.grpc_url, **kw))
     finally:

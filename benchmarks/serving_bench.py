@@ -22,29 +22,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.clients import OpenAIClient, RawSSEClient, TritonClient, Workload
-from benchmarks.common import RESULTS_DIR, machine_info, make_jpeg, make_mp4, utc_now, write_json
+from benchmarks.common import RESULTS_DIR, machine_info, make_jpeg, make_mp4, summarize, utc_now, write_json
 from benchmarks.loadgen import LoadResult, closed_loop
 
 CONCURRENCIES = (1, 4, 16)
 TARGET_OVERHEAD_P50_MS = 2.0  # issue 8: frontend overhead per request, p50
 TARGET_OVERHEAD_PER_TOKEN_MS = 0.2  # issue 8: frontend overhead per streamed token
-IMAGE = {"width": 768, "height": 512}  # 3×2 tiles + thumbnail at the default max_num_tiles
-VIDEO = {"width": 320, "height": 240, "fps": 8, "num_frames": 32}  # 4 s → 8 frames at 2 fps
+IMAGE = {"width": 1024, "height": 512}  # 2×1 tiles + thumbnail at the default max_num_tiles → 768 tokens
+VIDEO = {"width": 320, "height": 240, "fps": 8, "num_frames": 32}  # a 4 s clip
+VIDEO_FRAMES = 4  # num_frames sampled per request → 4 tiles → 1024 video tokens
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Request counts and a wall-clock cap per closed loop (each loop stops at whichever comes first)."""
+    """Request counts and a wall-clock cap per closed loop (no request starts after `loop_time_s`; the
+    ones in flight finish). Image and video requests cost ~10× a text request on the cpu target (the
+    vision encoder runs on the same 2 cores), so they get their own, smaller counts."""
 
-    rounds_c1: int = 24  # rounds (one request per path) at concurrency 1
-    requests_per_slot: int = 3  # requests per path at concurrency c: max(min_requests, slots · c)
-    min_requests: int = 12
+    rounds_c1: int = 40  # text: rounds (one request per path) at concurrency 1
+    requests_per_slot: int = 3  # text: requests per path at concurrency c = max(min_requests, slots · c)
+    min_requests: int = 16
+    media_rounds_c1: int = 8  # image / video
+    media_requests_per_slot: int = 1
+    media_min_requests: int = 8
     loop_time_s: float = 12.0
     max_tokens: int = 32
 
+    def counts(self, workload: str) -> tuple[int, int, int]:
+        """(rounds at c=1, requests per slot, minimum requests) for `workload`."""
+        if workload == "text":
+            return self.rounds_c1, self.requests_per_slot, self.min_requests
+        return self.media_rounds_c1, self.media_requests_per_slot, self.media_min_requests
 
-QUICK = Budget(rounds_c1=4, requests_per_slot=1, min_requests=4, loop_time_s=4.0, max_tokens=8)
+
+QUICK = Budget(rounds_c1=4, requests_per_slot=1, min_requests=4, media_rounds_c1=2, media_requests_per_slot=1,
+               media_min_requests=2, loop_time_s=3.0, max_tokens=8)
 
 
 def build_workloads(max_tokens: int) -> dict[str, Workload]:
@@ -58,7 +73,7 @@ def build_workloads(max_tokens: int) -> dict[str, Workload]:
         "image": Workload(name="image", prompt="Describe this image in detail.", images=(image,),
                           params=params),
         "video": Workload(name="video", prompt="Describe what happens in this video.", video=video,
-                          params=params),
+                          params={**params, "num_frames": VIDEO_FRAMES}),
     }
 
 
@@ -68,6 +83,25 @@ def _diff(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, float | N
     for p in ("p50", "p99"):
         va, vb = a[key][p], b[key][p]
         out[p] = (va - vb) if va is not None and vb is not None else None
+    return out
+
+
+def paired_overhead(a: LoadResult, b: LoadResult, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Round-by-round differences (a_i − b_i) at concurrency 1: median and a 95 % bootstrap interval of the
+    median (ms), for e2e, TTFT and per-token latency. The interval shows how much of the difference is
+    noise from the shared machine."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    pairs = [(x, y) for x, y in zip(a.records, b.records, strict=False) if x.ok and y.ok]
+    for key, get in (("e2e_ms", lambda r: r.e2e_s), ("ttft_ms", lambda r: r.ttft_s),
+                     ("per_token_ms", lambda r: r.itl_s)):
+        d = np.array([(get(x) - get(y)) * 1e3 for x, y in pairs if get(x) is not None and get(y) is not None])
+        if d.size == 0:
+            out[key] = {"n": 0, "median": None, "ci95": None}
+            continue
+        boots = np.median(rng.choice(d, size=(resamples, d.size), replace=True), axis=1)
+        out[key] = {"n": int(d.size), "median": float(np.median(d)),
+                    "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
     return out
 
 
@@ -95,6 +129,21 @@ async def _interleaved_c1(clients: dict[str, Any], w: Workload, rounds: int,
     return {n: LoadResult(1, r, sum(x.e2e_s for x in r)) for n, r in recs.items()}
 
 
+async def http_floor(openai_url: str, n: int = 40) -> dict[str, Any]:
+    """Round trip of the cheapest frontend route (GET /health) from plain httpx, ms: the cost of one
+    HTTP hop through uvicorn on this machine, a floor under any per-request overhead."""
+    import httpx
+
+    root = openai_url.rstrip("/").rsplit("/v1", 1)[0]
+    times = []
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for _ in range(n + 5):
+            t0 = time.perf_counter()
+            await client.get(f"{root}/health")
+            times.append(time.perf_counter() - t0)
+    return summarize(times[5:], 1e3)
+
+
 async def _bench_async(openai_url: str, model: str, triton_url: str, concurrencies: tuple[int, ...],
                        workload_names: tuple[str, ...], budget: Budget, with_raw_sse: bool) -> dict[str, Any]:
     workloads = build_workloads(budget.max_tokens)
@@ -102,6 +151,7 @@ async def _bench_async(openai_url: str, model: str, triton_url: str, concurrenci
     tr = TritonClient(triton_url)
     raw = RawSSEClient(openai_url, model) if with_raw_sse else None
     runs: list[dict[str, Any]] = []
+    floor = await http_floor(openai_url)
     try:
         for name in workload_names:
             w = workloads[name]
@@ -109,17 +159,20 @@ async def _bench_async(openai_url: str, model: str, triton_url: str, concurrenci
                 r = await client.send(w)
                 if not r.ok:
                     raise RuntimeError(f"warm-up {name} request via {type(client).__name__} failed: {r.error}")
+            rounds_c1, per_slot, min_requests = budget.counts(name)
             for c in concurrencies:
                 extra: dict[str, Any] = {}
                 if c == 1:
                     paths = {"openai": oa, "triton": tr, **({"raw_sse": raw} if raw is not None else {})}
-                    res = await _interleaved_c1(paths, w, budget.rounds_c1, budget.loop_time_s * len(paths))
+                    res = await _interleaved_c1(paths, w, rounds_c1, budget.loop_time_s * len(paths))
                     res_a, res_b = res["openai"], res["triton"]
+                    extra = {"paired_overhead": paired_overhead(res_a, res_b)}
                     if "raw_sse" in res:
                         s_raw = res["raw_sse"].summary()
-                        extra = {"raw_sse": s_raw, "frontend_overhead_raw_sse": overhead(s_raw, res_b.summary())}
+                        extra.update(raw_sse=s_raw, frontend_overhead_raw_sse=overhead(s_raw, res_b.summary()),
+                                     paired_overhead_raw_sse=paired_overhead(res["raw_sse"], res_b))
                 else:
-                    n = max(budget.min_requests, budget.requests_per_slot * c)
+                    n = max(min_requests, per_slot * c)
                     res_b = await closed_loop(lambda i, w=w: tr.send(w), c, n, budget.loop_time_s)
                     res_a = await closed_loop(lambda i, w=w: oa.send(w), c, n, budget.loop_time_s)
                 sa, sb = res_a.summary(), res_b.summary()
@@ -136,7 +189,7 @@ async def _bench_async(openai_url: str, model: str, triton_url: str, concurrenci
         await tr.close()
         if raw is not None:
             await raw.close()
-    return {"runs": runs, "targets": evaluate_targets(runs)}
+    return {"http_floor_ms": floor, "runs": runs, "targets": evaluate_targets(runs)}
 
 
 def _fmt(v: float | None) -> str:
@@ -155,6 +208,8 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
         checks[row["workload"]] = {
             "overhead_p50_ms": per_req, "overhead_p99_ms": ov["e2e_ms"]["p99"],
             "per_token_p50_ms": per_tok, "per_token_p99_ms": ov["per_token_ms"]["p99"],
+            "paired_median_ms": (row.get("paired_overhead") or {}).get("e2e_ms", {}).get("median"),
+            "paired_ci95_ms": (row.get("paired_overhead") or {}).get("e2e_ms", {}).get("ci95"),
             "raw_sse_overhead_p50_ms": (row.get("frontend_overhead_raw_sse") or {}).get("e2e_ms", {}).get("p50"),
             "raw_sse_per_token_p50_ms": (row.get("frontend_overhead_raw_sse") or {}).get("per_token_ms", {}).get("p50"),
             "request_pass": per_req is not None and per_req <= TARGET_OVERHEAD_P50_MS,
@@ -176,7 +231,8 @@ def bench_serving(openai_url: str, model: str, triton_url: str,
     budget = budget or Budget()
     out = asyncio.run(_bench_async(openai_url, model, triton_url, concurrencies, workload_names, budget,
                                    with_raw_sse))
-    return {"budget": budget.__dict__, "image": IMAGE, "video": VIDEO, **out}
+    return {"budget": budget.__dict__, "image": {**IMAGE, "format": "jpeg"},
+            "video": {**VIDEO, "codec": "h264", "sampled_frames": VIDEO_FRAMES}, **out}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def api_server(request: pytest.FixtureRequest, media_server: MediaServer) -> Ite
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="nemovl-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -27,6 +27,15 @@ def tiny_cfg(**vision_overrides) -> VLMConfig:
     return parse_vlm_config(d)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on shared, oversubscribed cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cfg() -> VLMConfig:
     return tiny_cfg()
@@ -190,6 +199,20 @@ def test_state_dict_names_equal_checkpoint_tensors(cfg):
     model.load_state_dict(tensors, strict=True)
     assert torch.equal(model.vision_model.patch_generator.pos_embed, tensors[
         "vision_model.radio_model.model.patch_generator.pos_embed"])
+
+
+def test_from_checkpoint_meta_path_equals_plain(cfg, monkeypatch):
+    import nemovl_trt.model.vlm as vlm_mod
+
+    class Ckpt:
+        config = cfg
+        tensors = init_weights(cfg, seed=0)
+
+    plain = NemotronVLM.from_checkpoint(Ckpt)
+    monkeypatch.setattr(vlm_mod, "META_INIT_ABOVE_PARAMS", 0)  # force the meta-device construction
+    meta = NemotronVLM.from_checkpoint(Ckpt)
+    for (na, a), (nb, b) in zip(plain.state_dict().items(), meta.state_dict().items(), strict=True):
+        assert na == nb and b.device.type == "cpu" and torch.equal(a, b), na
 
 
 def test_from_checkpoint_strict_and_dtype(cfg):

@@ -115,11 +115,14 @@ def test_full_pixel_tensor_jpeg_matches_independent_computation(size, subsamplin
     assert np.array_equal(got, expected)
 
 
-def test_serial_and_parallel_paths_agree():
-    rgb = _pattern(1100, 600, seed=3)
+@pytest.mark.parametrize(("w", "h"), [(1100, 600), (1500, 1400), (600, 2000), (300, 200)])
+def test_serial_and_parallel_paths_agree(w, h):
+    rgb = _pattern(w, h, seed=3)
     a = image_to_tiles(rgb, 12, MEAN, STD, parallel=True)
     b = image_to_tiles(rgb, 12, MEAN, STD, parallel=False)
-    assert np.array_equal(a, b) and a.shape[0] == num_tiles(1100, 600, 12)
+    assert np.array_equal(a, b) and a.shape[0] == num_tiles(w, h, 12)
+    cols, rows = tile_grid(w, h, 12)
+    assert np.array_equal(a, _independent_tiles(Image.fromarray(rgb), cols, rows))
 
 
 def test_single_tile_image_is_resized_without_thumbnail():

@@ -112,7 +112,7 @@ def _expected_video_ids(tok, cfg, timestamps, counts):
 
 def test_video_prompt(tok, cfg):
     ts = [0.0, 0.396, 0.825, 1.221]
-    r = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(ts))
+    r = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(len(ts), ts))
     p = cfg.tokens_per_tile
     block = _expected_video_ids(tok, cfg, ts, [p] * 4)
     v = r.video
@@ -126,7 +126,7 @@ def test_video_prompt(tok, cfg):
 
 def test_video_forces_reasoning_off_with_warning(tok, cfg):
     msgs = [{"role": "system", "content": "/think"}, {"role": "user", "content": [VID, text("Why? /think")]}]
-    r = build_prompt(msgs, tok, cfg, video=VideoInput([0.0, 0.5]))
+    r = build_prompt(msgs, tok, cfg, video=VideoInput(2, [0.0, 0.5]))
     assert r.reasoning is False and r.warnings == [REASONING_WITH_VIDEO_WARNING]
     assert r.text.endswith("<think></think>")
 
@@ -134,20 +134,23 @@ def test_video_forces_reasoning_off_with_warning(tok, cfg):
 def test_video_with_evs_layout_and_rebuild(tok, cfg):
     ts = [0.0, 0.5, 1.0, 1.5, 2.0]
     p = cfg.tokens_per_tile
-    full = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(ts))
-    r = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(ts, pruning_rate=0.7))
+    full = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(len(ts), ts))
+    r = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(len(ts), ts, pruning_rate=0.7))
     rr = retained_count(5, p, 0.7)
     assert r.video.retained == rr
     assert r.num_prompt_tokens == full.num_prompt_tokens - (5 * p - rr)
     assert [e - s for s, e in r.video.frame_spans] == [rr, 0, 0, 0, 0]  # all in frame 1 before EVS
     counts = [p, rr - p - 10, 4, 0, 6]
-    ids, layout = rebuild_video_prompt(r.input_ids, r.video, counts)
+    ids, layout = rebuild_video_prompt(r.input_ids, counts, r.video)
     assert len(ids) == len(r.input_ids)
     assert ids[:layout.start] == r.input_ids[:layout.start] and ids[layout.end:] == r.input_ids[layout.end:]
     assert ids[layout.start:layout.end] == _expected_video_ids(tok, cfg, ts, counts)
     assert [e - s for s, e in layout.frame_spans] == counts
+    assert rebuild_video_prompt(r.input_ids, r.video, counts) == (ids, layout)  # either argument order
     with pytest.raises(ValueError):
-        rebuild_video_prompt(r.input_ids, r.video, [p, 1, 0, 0, 0])  # wrong total
+        rebuild_video_prompt(r.input_ids, [p, 1, 0, 0, 0], r.video)  # wrong total
+    # keyword form used by the pipeline: frames counted from the timestamps
+    assert VideoInput(timestamps=ts, pruning_rate=0.7) == VideoInput(5, ts, 0.7)
 
 
 def test_tools_and_multi_turn_count(tok, cfg):
@@ -183,8 +186,8 @@ def test_context_length(tok, cfg):
 
 @pytest.mark.parametrize(("msgs", "kw", "code"), [
     (user(IMG), {"images": []}, "invalid_parameter"),  # refers to a missing image
-    (user(IMG, VID), {"images": [ImageInput(1)], "video": VideoInput([0.0])}, "invalid_parameter"),
-    (user(VID, VID), {"video": VideoInput([0.0])}, "invalid_parameter"),
+    (user(IMG, VID), {"images": [ImageInput(1)], "video": VideoInput(1, [0.0])}, "invalid_parameter"),
+    (user(VID, VID), {"video": VideoInput(1, [0.0])}, "invalid_parameter"),
     (user(VID), {}, "invalid_parameter"),
     (user(IMG, IMG, IMG), {"images": [ImageInput(1)] * 3, "max_images": 2}, "too_many_images"),
     (user(text("fake <image> slot")), {}, "invalid_parameter"),
@@ -197,3 +200,10 @@ def test_prompt_errors(tok, cfg, msgs, kw, code):
     with pytest.raises(PreprocessError) as e:
         build_prompt(msgs, tok, cfg, **kw)
     assert e.value.code == code
+
+
+def test_video_without_timestamps(tok, cfg):
+    r = build_prompt(user(VID, text("What moves?")), tok, cfg, video=VideoInput(3))
+    v = r.video
+    assert tok.decode(r.input_ids[v.start:v.end]).startswith("This is a video:\nFrame 1: <img>")
+    assert r.image_token_spans == [] and r.num_video_tokens == 3 * cfg.tokens_per_tile

@@ -190,3 +190,15 @@ def test_truncated_video(clips):
     with pytest.raises(PreprocessError) as e:
         decode_video(data[: len(data) // 3])
     assert e.value.code in ("invalid_video", "invalid_video_sampling")
+
+
+def test_skipping_nonreference_frames_changes_no_pixel(clips):
+    data = clips["h264_long"]  # B-frames: the skipping path is active for H.264
+    probe = V._pyav_probe(data)
+    idx = sample_indices(probe.total_frames, probe.source_fps, num_frames=37)
+    fast = V._pyav_decode(data, probe, idx, None, threads=0, allow_skip=True)
+    full = V._pyav_decode(data, probe, idx, None, threads=1, allow_skip=False)
+    assert np.array_equal(fast, full)
+    resized = V._pyav_decode(data, probe, idx[:3], 512, threads=0)
+    assert resized.shape == (3, 512, 512, 3)
+    assert np.array_equal(resized[1], np.asarray(Image.fromarray(full[1]).resize((512, 512), Image.BICUBIC)))

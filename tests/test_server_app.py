@@ -178,3 +178,23 @@ def test_triton_inputs_follow_the_interface() -> None:
     assert inputs["messages"].shape() == [1] and inputs["params"].shape() == [1]
     video = {i.name(): i for i in build_inputs(TritonRequest(messages=[], video=b"\0\0\0 ftyp"))}
     assert set(video) == {"messages", "video", "params"} and video["video"].shape() == [1]
+
+
+def test_pool_balances_by_in_flight() -> None:
+    from nemovl_trt.server.triton_client import TritonPool
+
+    async def go() -> None:
+        pool = TritonPool([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], "nemovl", 10, 1)
+        a, b = pool._eps()
+        a.in_flight, b.in_flight = 3, 1
+        assert pool._pick() is b
+        b.in_flight = 5
+        assert pool._pick() is a
+        a.ready = False  # a not ready: b is used even though it is busier
+        assert pool._pick() is b
+        a.ready, a.in_flight, b.in_flight = True, 0, 0
+        assert {pool._pick().url for _ in range(4)} == {a.url, b.url}  # ties alternate
+        assert await pool.ready(force=True) is False  # nothing listens there
+        await pool.close()
+
+    asyncio.run(go())

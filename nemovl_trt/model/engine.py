@@ -59,12 +59,16 @@ class ReferenceEngine:
 
     eos_ids: the checkpoint's end-of-sequence ids (generation_config); max_batch_size caps how many
     sequences one decode call stacks (more running sequences are decoded in several calls of the
-    same step); max_seq_len defaults to the config's max_sequence_length.
+    same step); max_seq_len defaults to the config's max_sequence_length; prefill_chunk, when set,
+    prefills long prompts in pieces of at most that many tokens (same result, bounded memory).
     """
 
     def __init__(self, model: NemotronVLM, eos_ids: Sequence[int] = (), max_batch_size: int | None = None,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}.")
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = int(max_seq_len or model.cfg.max_sequence_length)
@@ -152,7 +156,9 @@ class ReferenceEngine:
         emb = self.model.embed(req.input_ids, req.mm_embeddings)  # [L,D]
         req.mm_embeddings = None
         req.state = lm.new_state()
-        logits = lm.forward_embeds(emb[None], [req.state], last_only=True)  # [1,V]
+        size = self.prefill_chunk or emb.shape[0]
+        for start in range(0, emb.shape[0], size):  # continued prefill from the state of the last piece
+            logits = lm.forward_embeds(emb[None, start:start + size], [req.state], last_only=True)  # [1,V]
         self._running[req.request_id] = req
         return self._accept(req, logits[0])
 

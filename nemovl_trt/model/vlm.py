@@ -12,6 +12,10 @@ from nemovl_trt.checkpoint.config import VLMConfig
 from nemovl_trt.model.nemotron_h import NemotronHLM
 from nemovl_trt.model.vision import VisionEncoder
 
+# Above this many checkpoint elements, from_checkpoint builds the module on the meta device (no
+# allocation / random init). A speed/memory switch only; the result is identical either way.
+META_INIT_ABOVE_PARAMS = 50_000_000
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,9 +67,13 @@ class NemotronVLM(nn.Module):
         (e.g. "float32" for the fp32 reference of a bf16 checkpoint); None keeps the stored dtypes.
         Recurrent states and softmaxes stay fp32 regardless.
         """
-        with torch.device("meta"):
-            model = cls(ckpt.config)
         tensors = {k: (v() if callable(v) else v) for k, v in dict(ckpt.tensors).items()}
+        numel = sum(t.numel() for t in tensors.values())
+        if numel > META_INIT_ABOVE_PARAMS:  # skip allocating + initialising weights that are replaced anyway
+            with torch.device("meta"):
+                model = cls(ckpt.config)
+        else:  # small: plain construction is faster than the meta-device machinery's first use
+            model = cls(ckpt.config)
         model.load_state_dict(with_optional_defaults(ckpt.config, tensors), strict=True, assign=True)
         target = parse_dtype(dtype)
         if target is not None:

@@ -65,15 +65,28 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class VideoInput:
-    """What the prompt needs to know about the video: frame timestamps (seconds; None entries give
-    ``"Frame i: "``) and the EVS pruning rate (0 = off)."""
+    """What the prompt needs to know about the video.
 
-    timestamps: Sequence[float | None]
+    num_frames: sampled frames T (may be left out when `timestamps` is given).
+    timestamps: T seconds (``VideoFrames.timestamps``); None (or None entries) gives ``"Frame i: "``.
+    pruning_rate: the EVS rate q (0 = off).
+    """
+
+    num_frames: int | None = None
+    timestamps: Sequence[float | None] | None = None
     pruning_rate: float = 0.0
 
-    @property
-    def num_frames(self) -> int:
-        return len(self.timestamps)
+    def __post_init__(self) -> None:
+        n = self.num_frames if self.num_frames is not None else (
+            len(self.timestamps) if self.timestamps is not None else 0)
+        if n < 1:
+            raise ValueError("a video needs at least one frame (give num_frames or timestamps)")
+        if self.timestamps is not None and len(self.timestamps) != n:
+            raise ValueError(f"{len(self.timestamps)} timestamps for {n} frames")
+        object.__setattr__(self, "num_frames", int(n))
+
+    def frame_times(self) -> list[float | None]:
+        return list(self.timestamps) if self.timestamps is not None else [None] * int(self.num_frames or 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,11 @@ class PromptResult:
     image_order: list[int] = field(default_factory=list)
     video: VideoLayout | None = None
     text: str = ""
+
+    @property
+    def image_token_spans(self) -> list[tuple[int, int]]:
+        """Alias of `image_spans`."""
+        return self.image_spans
 
     @property
     def num_image_tokens(self) -> int:
@@ -211,7 +229,7 @@ def _special_id(tok: TokenizerBundle, token: str) -> int:
 def _video_block(tok: TokenizerBundle, video: VideoInput, counts: Sequence[int], img_start: int, img_end: int,
                  ctx: int) -> tuple[list[int], list[list[int]], list[int], list[tuple[int, int]]]:
     """Ids of the whole video block, the separators, the newline ids and the frame spans (relative)."""
-    seps = [tok.encode(frame_separator(i + 1, t)) for i, t in enumerate(video.timestamps)]
+    seps = [tok.encode(frame_separator(i + 1, t)) for i, t in enumerate(video.frame_times())]
     newline = tok.encode(FRAME_END)
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -331,7 +349,7 @@ def build_prompt(messages: list[dict[str, Any]], tokenizer: TokenizerBundle, cfg
             if video is None or layout is not None:
                 raise PreprocessError(INVALID_PARAMETER, "The chat template produced an unexpected video "
                                       "placeholder.", param="messages")
-            t = video.num_frames
+            t = int(video.num_frames or 0)
             r = retained_count(t, per_tile, video.pruning_rate)
             counts = [per_tile] * t if r == t * per_tile else [r] + [0] * (t - 1)
             block, seps, newline, spans = _video_block(tokenizer, video, counts, img_start, img_end, ctx)
@@ -367,18 +385,22 @@ def build_prompt(messages: list[dict[str, Any]], tokenizer: TokenizerBundle, cfg
                         text=text)
 
 
-def rebuild_video_prompt(input_ids: Sequence[int], layout: VideoLayout,
-                         per_frame_counts: Sequence[int]) -> tuple[list[int], VideoLayout]:
+def rebuild_video_prompt(input_ids: Sequence[int], per_frame_counts: Sequence[int] | VideoLayout,
+                         layout: VideoLayout | Sequence[int]) -> tuple[list[int], VideoLayout]:
     """After EVS: rewrite the video block so frame t holds its own ``n_t`` kept tokens.
 
     Args:
         input_ids: the prompt from `build_prompt` (R context tokens in frame 1).
-        layout: its `VideoLayout`.
         per_frame_counts: ``n_t`` per frame (from `evs.per_frame_counts`), summing to ``layout.retained``.
+        layout: the prompt's `VideoLayout` (``PromptResult.video``). The two last arguments may
+            also be given in the order (layout, per_frame_counts).
 
     Returns:
         (new input ids of the same length, the new layout with updated frame spans).
     """
+    if isinstance(per_frame_counts, VideoLayout):
+        per_frame_counts, layout = layout, per_frame_counts
+    assert isinstance(layout, VideoLayout)
     counts = [int(c) for c in per_frame_counts]
     if len(counts) != len(layout.separators) or sum(counts) != layout.retained:
         raise ValueError(f"per-frame counts {counts} do not match the video layout "

@@ -18,9 +18,12 @@ Frame index k means the k-th frame in presentation order (pts order), as decord 
 
 Decoder choice (measured, see benchmarks/preprocess_bench.py)
 --------------------------------------------------------------
-On a 60 s 1280×720 30 fps H.264 clip, taking 128 frames, decord ``get_batch`` cost about as much
-as decoding every frame (it converts every decoded frame to RGB), and a PyAV sequential pass that
-converts only the wanted frames was about 2× faster. PyAV is therefore the primary decoder:
+On a 60 s 1280×720 30 fps H.264 clip (libx264 veryfast, B-frames), taking 128 frames on this
+2-core machine: decord ``get_batch`` 15.6 s, which is about the cost of decoding every frame and
+converting it to RGB (17.6 s with PyAV; decord seems to convert every decoded frame); a PyAV sequential
+pass that converts only the wanted frames 9.4 s; the same pass also dropping unwanted
+non-reference frames 6–8 s (the clip has 781 non-reference frames of 1800). PyAV is therefore
+the primary decoder:
 
 1. a demux-only pass lists packet pts (exact frame count, pts → index map; no decoding);
 2. one sequential decode pass; for H.264 / HEVC, packets of unwanted frames are sent with
@@ -150,8 +153,12 @@ def _pyav_probe(data: bytes) -> _Probe:
                   pts=sorted(pts) if has_pts else None)
 
 
+class _NoPts(Exception):
+    """A frame without pts came out while frames were being skipped: redo the pass without skipping."""
+
+
 def _pyav_decode(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: int | None,
-                 threads: int) -> np.ndarray:
+                 threads: int, allow_skip: bool = True) -> np.ndarray:
     import av
 
     wanted_idx = sorted(set(indices))
@@ -164,7 +171,7 @@ def _pyav_decode(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: 
         cc = s.codec_context
         cc.thread_type = "AUTO" if threads != 1 else "SLICE"
         cc.thread_count = threads
-        skip_ok = probe.pts is not None and cc.name in _SKIP_NONREF_CODECS
+        skip_ok = allow_skip and probe.pts is not None and cc.name in _SKIP_NONREF_CODECS
         slot_of_pts = {probe.pts[k]: slot_of[k] for k in wanted_idx} if probe.pts is not None else {}
         counter = 0
 
@@ -176,11 +183,15 @@ def _pyav_decode(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: 
             if skip_ok and packet.pts is not None:
                 cc.skip_frame = "DEFAULT" if packet.pts in slot_of_pts else "NONREF"
             for frame in cc.decode(packet):
-                if probe.pts is not None:
+                # frames leave the decoder in presentation order: the pts map when pts exist,
+                # else the running count
+                if probe.pts is not None and frame.pts is not None:
                     slot = slot_of_pts.get(frame.pts)
+                elif skip_ok:
+                    raise _NoPts
                 else:
                     slot = slot_of.get(counter)
-                    counter += 1
+                counter += 1
                 if slot is not None:
                     if frame.width != probe.width or frame.height != probe.height:
                         raise PreprocessError(INVALID_VIDEO, "The video changes frame size midway.")
@@ -251,7 +262,10 @@ def decode_video(data: bytes, fps: float | None = None, num_frames: int | None =
         raise PreprocessError(INVALID_VIDEO, "The video has no decodable frames or no frame rate.")
     idx = sample_indices(probe.total_frames, probe.source_fps, fps=fps, num_frames=num_frames)
     try:
-        frames = _pyav_decode(data, probe, idx, resize_to, threads)
+        try:
+            frames = _pyav_decode(data, probe, idx, resize_to, threads)
+        except _NoPts:
+            frames = _pyav_decode(data, probe, idx, resize_to, threads, allow_skip=False)
     except PreprocessError:
         raise
     except Exception:  # noqa: BLE001 - PyAV failed midway: decord gets one try

@@ -18,6 +18,7 @@ ERROR_TYPES: dict[int, str] = {
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 

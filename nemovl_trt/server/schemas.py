@@ -140,10 +140,11 @@ def _convert_content(content: Any, param: str, images: list[MediaRef], videos: l
 
 
 def _reasoning_requested(messages: list[dict[str, Any]]) -> bool:
-    """Last of `/think` / `/no_think` in system prompts wins; default off (api.md "Reasoning")."""
+    """Fallback when Triton's `info` does not say: the last `/think` / `/no_think` in system and user
+    messages wins; default off (api.md "Reasoning")."""
     state = False
     for m in messages:
-        if m.get("role") not in ("system", "developer"):
+        if m.get("role") not in ("system", "user"):
             continue
         c = m.get("content")
         text = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
@@ -332,8 +333,6 @@ def parse_chat_request(body: Any, limits: ModelLimits) -> ChatRequest:
     _bool(body, "parallel_tool_calls")
     tools, parse_tools = _validate_tools(body)
     _nim_extensions(body, limits, params)
-    if videos and "max_num_tiles" in params:
-        pass  # tiles apply to images only; forwarded unchanged, the preprocessor ignores it for video
     return ChatRequest(model=model, messages=messages, images=images, video=videos[0] if videos else None,
                        params=params, tools=tools, parse_tools=parse_tools, stream=stream,
                        include_usage=include_usage, reasoning_hint=_reasoning_requested(messages) and not videos)

@@ -27,7 +27,7 @@ OUTPUTS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_to
 _CODE_RE = re.compile(r"^\s*\[([a-z0-9_]+)\]\s*(.*)$", re.S)
 # Codes that mean the request itself was wrong; everything the preprocessor raises is one of these or
 # another lower_snake code in brackets — all of them map to 400.
-NOT_READY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+NOT_READY_CODES = {grpc.StatusCode.UNAVAILABLE}
 
 
 @dataclass
@@ -233,6 +233,9 @@ class TritonPool:
                         return
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise APIError(504, f"The generation took longer than this server's limit of "
+                                        f"{self.timeout_s:g} s.", code="timeout") from e
                 if code in NOT_READY_CODES:
                     ep.ready = False
                     self._ready_at = 0.0

@@ -18,7 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemovl_trt.training.tasks import QUESTION_TYPES, Sample, generate_samples, normalize_answer
+from nemovl_trt.training.tasks import (
+    QUESTION_TYPES,
+    TRAINED_VIDEO_PRUNING_RATE,
+    Sample,
+    generate_samples,
+    normalize_answer,
+)
 
 DEFAULT_EVAL_SEED = 1  # training's default seed is 0; the splits differ anyway
 MAX_ANSWER_TOKENS = 8
@@ -130,19 +136,29 @@ def api_base(server: str) -> str:
     return server if server.endswith("/v1") else server + "/v1"
 
 
-def ask(client: Any, model: str, sample: Sample, part: dict[str, Any], max_num_tiles: int | None = None,
-        max_tokens: int = MAX_ANSWER_TOKENS) -> str:
-    """Ask one question (greedy, non-streamed) and return the answer text."""
+def request_extras(sample: Sample, max_num_tiles: int | None = None,
+                   video_pruning_rate: float | None = TRAINED_VIDEO_PRUNING_RATE) -> dict[str, Any]:
+    """The NIM extension fields for a question: ``mm_processor_kwargs.max_num_tiles`` (images) and
+    ``video_pruning_rate`` (videos), each only when given."""
     extra: dict[str, Any] = {}
-    if max_num_tiles is not None and sample.video is None:
+    if sample.video is None and max_num_tiles is not None:
         extra["mm_processor_kwargs"] = {"max_num_tiles": max_num_tiles}
+    if sample.video is not None and video_pruning_rate is not None:
+        extra["video_pruning_rate"] = video_pruning_rate
+    return extra
+
+
+def ask(client: Any, model: str, sample: Sample, part: dict[str, Any], max_num_tiles: int | None = None,
+        video_pruning_rate: float | None = TRAINED_VIDEO_PRUNING_RATE, max_tokens: int = MAX_ANSWER_TOKENS) -> str:
+    """Ask one question (greedy, non-streamed) and return the answer text."""
+    extra = request_extras(sample, max_num_tiles, video_pruning_rate)
     resp = client.chat.completions.create(model=model, messages=sample.messages(part), max_tokens=max_tokens,
                                           temperature=0.0, extra_body=extra or None)
     return resp.choices[0].message.content or ""
 
 
 def evaluate(server: str, n: int, seed: int = DEFAULT_EVAL_SEED, urls: bool = False,
-             max_num_tiles: int | None = None, concurrency: int = 4, model: str | None = None,
+             max_num_tiles: int | None = None, video_pruning_rate: float | None = None, concurrency: int = 4, model: str | None = None,
              api_key: str = "none", timeout_s: float = 120.0, types: tuple[str, ...] = QUESTION_TYPES,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Generate `n` held-out questions (split "eval", `seed`) and ask them through the OpenAI API.
@@ -153,6 +169,7 @@ def evaluate(server: str, n: int, seed: int = DEFAULT_EVAL_SEED, urls: bool = Fa
         seed: the eval stream's seed.
         urls: send images as loopback http URLs instead of data URLs.
         max_num_tiles: sent as ``mm_processor_kwargs.max_num_tiles`` for images when given.
+        video_pruning_rate: sent with videos; None means the rate the tiny checkpoint was trained with.
         concurrency: requests in flight at once.
         model: the model id; by default the first id of ``/v1/models``.
         progress: called with (done, total) after each answer.
@@ -166,6 +183,7 @@ def evaluate(server: str, n: int, seed: int = DEFAULT_EVAL_SEED, urls: bool = Fa
     if model is None:
         model = client.models.list().data[0].id
     samples = generate_samples(n, seed=seed, split="eval", types=types)
+    q = TRAINED_VIDEO_PRUNING_RATE if video_pruning_rate is None else video_pruning_rate
     files = {f"/{s.qtype}-{s.index}.png": (s.image_png(), "image/png") for s in samples
              if urls and s.image is not None}
     done = 0
@@ -174,7 +192,7 @@ def evaluate(server: str, n: int, seed: int = DEFAULT_EVAL_SEED, urls: bool = Fa
     def run_one(sample: Sample, url_base: str | None) -> Record:
         nonlocal done
         t0 = time.perf_counter()
-        text = ask(client, model, sample, media_part(sample, url_base), max_num_tiles)
+        text = ask(client, model, sample, media_part(sample, url_base), max_num_tiles, q)
         rec = Record(sample.qtype, sample.index, sample.answer, text,
                      normalize_answer(text) == sample.answer, time.perf_counter() - t0)
         with lock:

@@ -56,6 +56,10 @@ VIDEO_SIDE = 128  # pixels (frames are resized to one 512 tile by the preprocess
 VIDEO_FRAMES = 8
 VIDEO_FPS = 2
 
+# EVS rate the tiny checkpoint is trained with: the tiny preset's config `video_pruning_rate` (0.7, as the
+# 12B's; a test checks they agree). Eval clients send it with every video so the served layout matches.
+TRAINED_VIDEO_PRUNING_RATE = 0.7
+
 SYSTEM_PROMPT = "/no_think"
 QUESTIONS: dict[str, str] = {
     "color": "What color is the shape? Answer with one word.",

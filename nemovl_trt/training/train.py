@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from nemovl_trt.checkpoint.loader import load_checkpoint
 from nemovl_trt.checkpoint.synth import save_tensors, write_checkpoint
 from nemovl_trt.checkpoint.tokenizer import TURN_END
+from nemovl_trt.model.nemotron_h import Attention
 from nemovl_trt.model.projector import pixel_shuffle
 from nemovl_trt.model.radio import ViTAttention
 from nemovl_trt.model.vlm import NemotronVLM
@@ -52,11 +53,13 @@ DEFAULT_STEPS = 900
 DEFAULT_SEED = 0
 DEFAULT_MAX_NUM_TILES = 12  # the server's default tile budget (api.md: mm_processor_kwargs default 12)
 NUM_THREADS = 2
+ROUND_MEDIA: tuple[str, ...] = ("shape", "count", "read", "detail", "video")  # one step's media
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters. `video_pruning_rates` alternate over steps (0 = EVS off, the server default)."""
+    """Hyper-parameters. `video_pruning_rates` (EVS q) alternate over steps; None = the checkpoint
+    config's `video_pruning_rate` (0.7 for tiny, the rate the 12B was trained with)."""
 
     steps: int = DEFAULT_STEPS
     seed: int = DEFAULT_SEED
@@ -66,8 +69,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_num_tiles: int = DEFAULT_MAX_NUM_TILES
-    video_pruning_rates: tuple[float, ...] = (0.0,)
+    video_pruning_rates: tuple[float, ...] | None = None
     minutes: float | None = None  # wall-clock cap; stopping early makes the result machine-dependent
+    threads: int = NUM_THREADS
+    media: tuple[str, ...] = ROUND_MEDIA  # what one step's round holds (tests use a cheaper subset)
+    residual_init_scale: float = 0.1  # scales the writer's random init of every residual-branch output
     log_every: int = 25
 
 
@@ -92,16 +98,37 @@ def _sdpa_forward(self: ViTAttention, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out.transpose(1, 2).reshape(n, t, hid))
 
 
+def _causal_sdpa_forward(self: Attention, hidden: torch.Tensor, caches: list[Any]) -> torch.Tensor:
+    """LLM Attention.forward for a fresh full-sequence forward (empty caches, as in training) with the
+    fused causal kernel: hidden [B,L,H] → [B,L,H]. No positional encoding, GQA by head repetition."""
+    if any(c.length for c in caches):
+        raise ValueError("the fused training attention only runs full sequences from an empty cache")
+    b, seq, _ = hidden.shape
+    q = self.q_proj(hidden).view(b, seq, self.nq, self.d).transpose(1, 2)  # [B,nq,L,d]
+    k = self.k_proj(hidden).view(b, seq, self.nkv, self.d).transpose(1, 2)  # [B,nkv,L,d]
+    v = self.v_proj(hidden).view(b, seq, self.nkv, self.d).transpose(1, 2)
+    rep = self.nq // self.nkv
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B,nq,L,d]
+    return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.nq * self.d))
+
+
 @contextlib.contextmanager
 def fused_vit_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every ViTAttention of `model` uses `scaled_dot_product_attention`."""
-    mods = [m for m in model.modules() if isinstance(m, ViTAttention)]
-    for m in mods:
-        m.forward = types.MethodType(_sdpa_forward, m)
+    """Within the block, every ViT attention and every LLM attention of `model` uses
+    `scaled_dot_product_attention` (the LLM one only for cache-free full-sequence forwards)."""
+    patched = []
+    for m in model.modules():
+        if isinstance(m, ViTAttention):
+            m.forward = types.MethodType(_sdpa_forward, m)
+            patched.append(m)
+        elif isinstance(m, Attention):
+            m.forward = types.MethodType(_causal_sdpa_forward, m)
+            patched.append(m)
     try:
         yield
     finally:
-        for m in mods:
+        for m in patched:
             del m.forward
 
 
@@ -117,24 +144,29 @@ class Example:
     media: int
 
 
-def round_samples(step: int, seed: int) -> list[tuple[Sample, list[tuple[str, str]]]]:
+def round_samples(step: int, seed: int, media: tuple[str, ...] = ROUND_MEDIA
+                  ) -> list[tuple[Sample, list[tuple[str, str]]]]:
     """The media of one training step with their (question type, answer) pairs (deterministic).
 
     A shape image answers both `color` and `shape`; a video both `video_first` and `video_last`.
+    `media` selects which of `ROUND_MEDIA` the round holds (all by default).
     """
-    shape_img = generate_sample("color", step, seed, "train")
-    count = generate_sample("count", step, seed, "train")
-    read = generate_sample("read", step, seed, "train")
-    detail = generate_sample("detail", step, seed, "train")
-    video = generate_sample("video_first", step, seed, "train")
-    shown = [c for c in video.meta["frames"] if c is not None]
-    return [
-        (shape_img, [("color", shape_img.meta["color"]), ("shape", shape_img.meta["kind"])]),
-        (count, [("count", count.answer)]),
-        (read, [("read", read.answer)]),
-        (detail, [("detail", detail.answer)]),
-        (video, [("video_first", shown[0]), ("video_last", shown[-1])]),
-    ]
+    def shape() -> tuple[Sample, list[tuple[str, str]]]:
+        img = generate_sample("color", step, seed, "train")
+        return img, [("color", img.meta["color"]), ("shape", img.meta["kind"])]
+
+    def single(qtype: str) -> tuple[Sample, list[tuple[str, str]]]:
+        sample = generate_sample(qtype, step, seed, "train")
+        return sample, [(qtype, sample.answer)]
+
+    def video() -> tuple[Sample, list[tuple[str, str]]]:
+        clip = generate_sample("video_first", step, seed, "train")
+        shown = [c for c in clip.meta["frames"] if c is not None]
+        return clip, [("video_first", shown[0]), ("video_last", shown[-1])]
+
+    makers = {"shape": shape, "count": lambda: single("count"), "read": lambda: single("read"),
+              "detail": lambda: single("detail"), "video": video}
+    return [makers[m]() for m in media]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -156,6 +188,7 @@ class Trainer:
         self.stop_id = self.tok.special[TURN_END]
         self.model = NemotronVLM.from_checkpoint(self.ckpt, "float32")
         self.model.train()
+        scale_residual_outputs(self.model, cfg.residual_init_scale)
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -179,11 +212,11 @@ class Trainer:
         without gradients, mlp1 with them) for a video.
         """
         c = self.vcfg
-        rates = self.cfg.video_pruning_rates
+        rates = self.cfg.video_pruning_rates or (c.video_pruning_rate,)
         q = rates[step % len(rates)]
         media: list[np.ndarray | torch.Tensor] = []
         examples: list[Example] = []
-        for m, (sample, qas) in enumerate(round_samples(step, self.cfg.seed)):
+        for m, (sample, qas) in enumerate(round_samples(step, self.cfg.seed, self.cfg.media)):
             if sample.video is not None:
                 vt = preprocess_video(sample.video, c.norm_mean, c.norm_std, tile=c.force_image_size, threads=1)
                 with torch.no_grad():
@@ -264,7 +297,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        return float(loss), stats
+        return float(loss.detach()), stats
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors with every trained parameter replaced (same names, dtypes, order)."""
@@ -275,6 +308,20 @@ class Trainer:
             new = state.get(name)
             out[name] = (new.detach().to(t.dtype).contiguous().clone() if new is not None else t)
         return out
+
+
+RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj", "attn.proj", "mlp.fc2")
+
+
+@torch.no_grad()
+def scale_residual_outputs(model: torch.nn.Module, scale: float) -> None:
+    """Multiply the weights of every layer that writes into a residual stream (LLM `o_proj`,
+    `out_proj`, `down_proj`; ViT `attn.proj`, `mlp.fc2`) by `scale`: each block starts close to the
+    identity, so image features reach the answer position from the first step (the usual
+    small-residual-branch initialisation for training from scratch)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(RESIDUAL_OUTPUTS):
+            module.weight.mul_(scale)
 
 
 def sample_messages(qtype: str, media: str) -> list[dict[str, Any]]:
@@ -296,18 +343,18 @@ def length_groups(lengths: list[int], max_ratio: float = 1.5) -> list[list[int]]
     return groups
 
 
-def set_determinism(seed: int) -> None:
-    """Seed every RNG and fix the thread count."""
+def set_determinism(seed: int, threads: int = NUM_THREADS) -> None:
+    """Seed every RNG and fix the thread count (float reductions depend on it)."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(threads)
 
 
 def train(out_dir: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print,
           force: bool = False) -> TrainReport:
     """Train and write the checkpoint into `out_dir` (the `make-checkpoint --preset tiny` format)."""
-    set_determinism(cfg.seed)
+    set_determinism(cfg.seed, cfg.threads)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="nemovl-train-") as tmp:
         base = Path(tmp) / "base"

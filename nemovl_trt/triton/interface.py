@@ -51,13 +51,19 @@ VISION_INPUT = "pixel_values"
 VISION_OUTPUT = "embeddings"
 
 
+TORCH_TO_TRITON_DTYPE = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
+
+
 def vision_tensors(image_size: int, tokens_per_tile: int, hidden: int,
                    input_name: str = VISION_INPUT, output_name: str = VISION_OUTPUT,
+                   input_dtype: str = "float32", output_dtype: str = "float32",
                    ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Vision encoder tensors for a checkpoint: tiles [3,S,S] → projected embeddings [P,hidden]."""
-    return ((TensorSpec(input_name, "FP32", (3, image_size, image_size), "normalized 512×512 tiles"),),
-            (TensorSpec(output_name, "FP32", (tokens_per_tile, hidden), "projected LLM-space embeddings "
-                        "per tile"),))
+    """Vision encoder tensors for a checkpoint: tiles [3,S,S] → projected embeddings [P,hidden]
+    (dtypes as the built graph declares them: "float32" | "float16" | "bfloat16")."""
+    return ((TensorSpec(input_name, TORCH_TO_TRITON_DTYPE[input_dtype], (3, image_size, image_size),
+                        "normalized 512×512 tiles"),),
+            (TensorSpec(output_name, TORCH_TO_TRITON_DTYPE[output_dtype], (tokens_per_tile, hidden),
+                        "projected LLM-space embeddings per tile"),))
 
 
 # ---- llm (decoupled; max_batch_size 0; same names on every target) ----

@@ -139,8 +139,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NEMOVL_CACHE", ".cache")).resolve() / "triton-backends"
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Process ids whose process group is `pgid` (the server and its stubs)."""
+def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
+    """Process ids whose process group is `pgid` (the server and its stubs); exited-but-unreaped (zombie)
+    processes are left out unless `include_zombies`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -149,7 +150,7 @@ def group_pids(pgid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after "comm)": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and (include_zombies or fields[0] != "Z"):  # state, ppid, pgrp, ...
             pids.append(int(entry.name))
     return pids
 
@@ -339,6 +340,9 @@ class TritonServer:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 5
+        while group_pids(pid) and time.monotonic() < deadline:  # SIGKILLed stubs take a moment to go
+            time.sleep(0.05)
         if self._log_thread is not None:
             self._log_thread.join(timeout=5)
         if self._log_file is not None:

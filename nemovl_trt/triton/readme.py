@@ -105,8 +105,15 @@ stream request stops its generation in `llm`.
 |---|---|
 {public_rows}
 
-The models find the engines through their `engines_dir` parameter (relative to this directory) or the
-`NEMOVL_ENGINES_DIR` environment variable, which overrides it.
+The models find the engines through their `engines_dir` parameter (relative to this directory; here
+`{params[itf.ENGINES_DIR_PARAMETER]}`) or the `NEMOVL_ENGINES_DIR` environment variable, which overrides it
+(`nemovl serve-triton --engines DIR` sets it). For the checked-in `triton_repo/` (cpu target, tiny
+checkpoint), build the engines where it expects them:
+```bash
+nemovl-build make-checkpoint --preset tiny --seed 0 --out .cache/tiny
+nemovl-build engines --target cpu --checkpoint .cache/tiny --out .cache/engines/cpu
+nemovl serve-triton --repo triton_repo
+```
 
 ## Start the server
 ```bash

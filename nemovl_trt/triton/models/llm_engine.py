@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+CANCELLED_IDS_KEPT = 100  # recent cancelled request ids reported by the stats control op
+
 
 class Sink(Protocol):
     """Where a request's outputs go."""
@@ -55,18 +57,19 @@ class BatcherStats:
     failed: int = 0
     steps: int = 0
     max_batch_seen: int = 0
-    cancelled_ids: list[str] = field(default_factory=list)
+    cancelled_ids: deque[str] = field(default_factory=lambda: deque(maxlen=CANCELLED_IDS_KEPT))
 
 
 class ContinuousBatcher:
     """Continuous batching over a `nemovl_trt.model.engine.ReferenceEngine`.
 
     `make_sampling(dict) -> SamplingParams` converts the request's options. `max_batch_size` bounds the
-    running batch; further requests wait in the queue.
+    running batch; further requests wait in the queue. `to_tensor` turns the numpy embeddings into what
+    the engine takes.
     """
 
     def __init__(self, engine: Any, make_sampling: Callable[[dict[str, Any]], Any], max_batch_size: int,
-                 to_tensor: Callable[[np.ndarray | None], Any]) -> None:
+                 to_tensor: Callable[[np.ndarray | None], Any], cancel_poll_s: float = 0.02) -> None:
         self.engine = engine
         self.make_sampling = make_sampling
         self.max_batch_size = max_batch_size
@@ -77,6 +80,8 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._stop = False
         self.stats = BatcherStats()
+        self.cancel_poll_s = cancel_poll_s  # how often requesters are asked whether they went away
+        self._last_cancel_poll = 0.0
         self._thread = threading.Thread(target=self._run, name="llm-batcher", daemon=True)
         self._thread.start()
 
@@ -102,7 +107,7 @@ class ContinuousBatcher:
             return {"active": sorted(self._active), "queued": [r.request_id for r in self._pending],
                     "submitted": s.submitted, "completed": s.completed, "cancelled": s.cancelled,
                     "failed": s.failed, "steps": s.steps, "max_batch_seen": s.max_batch_seen,
-                    "cancelled_ids": list(s.cancelled_ids[-100:])}
+                    "cancelled_ids": list(s.cancelled_ids)}
 
     def close(self) -> None:
         with self._cond:
@@ -152,7 +157,11 @@ class ContinuousBatcher:
                     pass
                 continue
             self._active[req.request_id] = req
-        # Requesters that went away leave the batch.
+        # Requesters that went away leave the batch (each check is an IPC round trip: throttled).
+        now = time.monotonic()
+        if now - self._last_cancel_poll < self.cancel_poll_s:
+            return
+        self._last_cancel_poll = now
         for rid, req in list(self._active.items()):
             if req.sink.is_cancelled():
                 self.engine.cancel(rid)

@@ -12,7 +12,9 @@ cancelled (or a stop string ends the answer early) this model sends the `llm` a 
 
 from __future__ import annotations
 
+import importlib
 import json
+import threading
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -72,9 +74,16 @@ class TritonPythonModel:
         self.vision_max_batch = int(params.get("vision_max_batch_size") or 1)
         self.vision_input = params.get("vision_input") or "pixel_values"
         self.vision_output = params.get("vision_output") or "embeddings"
+        in_dtype = params.get("vision_input_dtype") or "float32"
+        if in_dtype not in ("float32", "float16"):
+            raise RuntimeError(f"vision input dtype {in_dtype} cannot be sent from numpy; export the graph with "
+                               f"a float32 or float16 input.")
+        self.vision_input_dtype = np.dtype(in_dtype)
         workers = int(params.get("max_concurrency") or 64)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nemovl")
         self.target = mf.target(manifest)
+        # EVS needs torch; import it in the background so the model is ready sooner.
+        threading.Thread(target=importlib.import_module, args=("nemovl_trt.preprocess.evs",), daemon=True).start()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -118,11 +127,11 @@ class TritonPythonModel:
         """Tiles [N,3,S,S] → embeddings [N,P,D] through the vision_encoder model, in chunks."""
         chunks = []
         for start in range(0, pixels.shape[0], self.vision_max_batch):
-            part = np.ascontiguousarray(pixels[start:start + self.vision_max_batch])
+            part = np.ascontiguousarray(pixels[start:start + self.vision_max_batch], dtype=self.vision_input_dtype)
             resp = pb_utils.InferenceRequest(model_name=VISION_MODEL, inputs=[pb_utils.Tensor(self.vision_input, part)],
                                              requested_output_names=[self.vision_output]).exec()
             _raise_if_error(resp, VISION_MODEL)
-            chunks.append(_out(resp, self.vision_output))
+            chunks.append(_out(resp, self.vision_output).astype(np.float32, copy=False))
         return np.concatenate(chunks, axis=0)
 
     def _llm_cancel(self, rid: str) -> None:
@@ -145,6 +154,9 @@ class TritonPythonModel:
             else:
                 mm = emb.reshape(-1, emb.shape[-1])
         prompt_tokens = int(input_ids.shape[0])
+        if request.is_cancelled():  # the client left during preprocessing / encoding: skip the llm
+            self._send(sender, "", [], "cancelled", prompt_tokens, 0, None)
+            return
         sampling = dict(info["sampling"])
         stream = TextStream(decode=self.ctx.decode, stops=list(info.get("stop") or []),
                             eos_ids=() if sampling.get("ignore_eos") else self.ctx.eos_ids)
@@ -157,29 +169,39 @@ class TritonPythonModel:
         llm_req = pb_utils.InferenceRequest(model_name=LLM_MODEL, inputs=llm_inputs,
                                             requested_output_names=["token_ids", "finish_reason"])
         first = True
-        cancelled_sent = False
-        for resp in llm_req.exec(decoupled=True):
-            if cancelled_sent:
-                continue  # drain the llm stream after a cancel / stop string
-            if request.is_cancelled():
-                self._llm_cancel(rid)
-                cancelled_sent = True
-                self._send(sender, "", [], "cancelled", prompt_tokens, stream.completion_tokens, None)
-                continue
-            if resp.has_error():
-                _raise_if_error(resp, LLM_MODEL)
-            if pb_utils.get_output_tensor_by_name(resp, "token_ids") is None:
-                continue  # the empty final-flag response of a decoupled stream
-            ids = _out(resp, "token_ids").reshape(-1).tolist()
-            engine_finish = _out(resp, "finish_reason").reshape(-1)[0].decode("utf-8")
-            delta = stream.push(ids, engine_finish)
-            self._send(sender, delta.text, ids, delta.finish_reason, prompt_tokens, delta.completion_tokens,
-                       public_info if first else None)
-            first = False
-            if delta.finish_reason:
-                if not engine_finish:  # a stop string ended the answer before the engine did
+        finished = False  # a final response went to the client
+        try:
+            for resp in llm_req.exec(decoupled=True):
+                if finished:
+                    continue  # drain the llm stream after a cancel / stop string
+                if request.is_cancelled():
                     self._llm_cancel(rid)
-                cancelled_sent = True
+                    finished = True
+                    self._send(sender, "", [], "cancelled", prompt_tokens, stream.completion_tokens, None)
+                    continue
+                if resp.has_error():
+                    _raise_if_error(resp, LLM_MODEL)
+                if pb_utils.get_output_tensor_by_name(resp, "token_ids") is None:
+                    continue  # the empty final-flag response of a decoupled stream
+                ids = _out(resp, "token_ids").reshape(-1).tolist()
+                engine_finish = _out(resp, "finish_reason").reshape(-1)[0].decode("utf-8")
+                delta = stream.push(ids, engine_finish)
+                self._send(sender, delta.text, ids, delta.finish_reason, prompt_tokens, delta.completion_tokens,
+                           public_info if first else None)
+                first = False
+                if delta.finish_reason:
+                    if not engine_finish:  # a stop string ended the answer before the engine did
+                        self._llm_cancel(rid)
+                    finished = True
+        except Exception:
+            if not finished:  # keep the llm from decoding for nobody
+                try:
+                    self._llm_cancel(rid)
+                except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+                    pass
+            raise
+        if not finished:
+            raise RuntimeError("the llm stream ended without a finish reason")
 
     @staticmethod
     def _send(sender: Any, text: str, ids: list[int], finish: str, prompt_tokens: int, completion: int,

@@ -22,7 +22,6 @@ import numpy as np
 
 from nemovl_trt.checkpoint.config import VLMConfig, load_vlm_config
 from nemovl_trt.checkpoint.tokenizer import TokenizerBundle, load_tokenizer
-from nemovl_trt.preprocess import prompt as pp
 from nemovl_trt.preprocess.errors import (
     INVALID_PARAMETER,
     INVALID_VIDEO_SAMPLING,
@@ -187,6 +186,7 @@ class PreprocessResult:
 def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: list[bytes], video: bytes | None,
                        tools_raw: bytes | None, params_raw: bytes | None) -> PreprocessResult:
     """Everything before the vision encoder. Raises PreprocessError for bad input or limits."""
+    from nemovl_trt.preprocess import prompt as pp  # imports torch (via evs): only where needed
     from nemovl_trt.preprocess.image import preprocess_images
     from nemovl_trt.preprocess.video import preprocess_video
 
@@ -205,8 +205,8 @@ def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: li
     if images and video is not None:
         raise _bad("messages", "A request may carry images or one video, not both.")
     pixel_values = np.zeros((0, 3, tile, tile), dtype=np.float32)
-    image_inputs: list[pp.ImageInput] = []
-    video_input: pp.VideoInput | None = None
+    image_inputs: list[Any] = []
+    video_input: Any = None
     public: dict[str, Any] = {"images": len(images), "tiles": [], "frames": 0, "evs_pruned_tokens": 0}
     if images:
         pixel_values, tiles = preprocess_images(images, params.max_num_tiles, cfg.norm_mean, cfg.norm_std,
@@ -247,6 +247,7 @@ def apply_video_evs(ctx: EntryContext, input_ids: np.ndarray, embeddings: np.nda
     """EVS on the projected frame embeddings [T,P,D]: keep the retained tokens (original order) and rebuild
     the per-frame placeholder layout. Returns (input_ids [L], mm rows [R,D], pruned token count). With rate
     0 every token is kept and the ids are unchanged."""
+    from nemovl_trt.preprocess import prompt as pp
     from nemovl_trt.preprocess.evs import evs_keep_mask, per_frame_counts
 
     q = float(layout.get("pruning_rate") or 0.0)

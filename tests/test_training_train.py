@@ -1,0 +1,117 @@
+"""Training: the fused ViT attention equals the reference, a few steps are deterministic and lower the
+loss, the video path's prompt matches its EVS-pruned embeddings, and the committed trained checkpoint
+is in the exact `make-checkpoint --preset tiny` format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemovl_trt.checkpoint.loader import load_checkpoint
+from nemovl_trt.checkpoint.synth import write_checkpoint
+from nemovl_trt.checkpoint.weights import expected_tensors
+from nemovl_trt.model.vlm import NemotronVLM
+from nemovl_trt.training.train import (
+    DEFAULT_SEED,
+    TrainConfig,
+    Trainer,
+    fused_vit_attention,
+    lr_at,
+    set_determinism,
+)
+
+TRAINED = Path(__file__).resolve().parent.parent / "data" / "tiny-trained"
+SHORT = TrainConfig(steps=4, lr=3e-3, warmup_steps=1, threads=1, media=("shape", "count"), log_every=100)
+
+
+def test_fused_vit_attention_matches_the_reference(tiny_checkpoint) -> None:
+    model = NemotronVLM.from_checkpoint(tiny_checkpoint, "float32")
+    gen = torch.Generator().manual_seed(0)
+    side = tiny_checkpoint.config.force_image_size
+    pixels = torch.randn(2, 3, side, side, generator=gen)
+    with torch.no_grad():
+        ref = model.vision(pixels)
+        with fused_vit_attention(model):
+            fast = model.vision(pixels)
+        again = model.vision(pixels)  # the patch is undone on exit
+    assert fast.shape == (2, tiny_checkpoint.config.tokens_per_tile, tiny_checkpoint.config.llm.hidden_size)
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, ref)
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=0.05)
+    assert lr_at(50, cfg) < lr_at(20, cfg)
+
+
+def _short_run(base: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    set_determinism(SHORT.seed, SHORT.threads)
+    trainer = Trainer(base, SHORT)
+    losses: list[float] = []
+    with fused_vit_attention(trainer.model):
+        for step in range(SHORT.steps):
+            losses.append(trainer.step(step)[0])
+    return losses, trainer.trained_tensors()
+
+
+def test_short_training_is_deterministic_and_lowers_the_loss(tiny_ckpt_dir: Path) -> None:
+    losses_a, tensors_a = _short_run(tiny_ckpt_dir)
+    losses_b, tensors_b = _short_run(tiny_ckpt_dir)
+    assert losses_a == losses_b
+    assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+    assert sum(losses_a[-2:]) / 2 < losses_a[0] - 0.5, losses_a
+    original = load_checkpoint(tiny_ckpt_dir).tensors
+    changed = [k for k in tensors_a if not torch.equal(tensors_a[k], original[k])]
+    assert "mlp1.1.weight" in changed and "language_model.lm_head.weight" in changed
+    assert any(k.startswith("vision_model.radio_model.model.blocks.") for k in changed)
+
+
+def test_video_round_prompt_matches_the_pruned_embeddings(tiny_ckpt_dir: Path) -> None:
+    set_determinism(0, 1)
+    cfg = TrainConfig(media=("video",), threads=1)
+    trainer = Trainer(tiny_ckpt_dir, cfg)
+    vcfg = trainer.vcfg
+    with torch.no_grad(), fused_vit_attention(trainer.model):
+        media, examples = trainer.build_round(0)
+    rows = media[0]
+    frames, per_tile = 8, vcfg.tokens_per_tile
+    expected = max(per_tile, int(frames * per_tile * (1 - vcfg.video_pruning_rate)))
+    assert rows.shape == (expected, vcfg.llm.hidden_size)
+    assert [e.qtype for e in examples] == ["video_first", "video_last"]
+    for ex in examples:
+        assert ex.prompt_ids.count(vcfg.img_context_token_id) == expected
+        assert ex.answer_ids[-1] == trainer.tok.special["<SPECIAL_12>"]
+        text = trainer.tok.decode(ex.prompt_ids)
+        assert "This is a video:\nFrame 1 sampled at 0.00 seconds: " in text
+        assert "Frame 8 sampled at 3.50 seconds: " in text
+        assert text.endswith("<SPECIAL_11>Assistant\n<think></think>")
+
+
+@pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="data/tiny-trained is not committed yet")
+def test_committed_checkpoint_has_the_tiny_preset_format(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    write_checkpoint(ref, "tiny", seed=DEFAULT_SEED)
+    ref_files = sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in TRAINED.iterdir()) == ref_files
+    for name in ref_files:
+        if name.endswith(".json") or name.endswith(".jinja"):
+            assert (TRAINED / name).read_bytes() == (ref / name).read_bytes(), name
+    trained = load_checkpoint(TRAINED)
+    random_init = load_checkpoint(ref)
+    shapes = expected_tensors(trained.config)
+    assert list(trained.tensors) == list(random_init.tensors)
+    for k, shape in shapes.items():
+        t = trained.tensors[k]
+        assert tuple(t.shape) == shape and t.dtype == random_init.tensors[k].dtype, k
+        assert torch.isfinite(t.float()).all(), k
+    assert not torch.equal(trained.tensors["mlp1.1.weight"], random_init.tensors["mlp1.1.weight"])
+    total = sum(p.stat().st_size for p in TRAINED.iterdir())
+    assert total < 16 * 1024 * 1024
+    assert json.loads((TRAINED / "config.json").read_text())["video_pruning_rate"] == \
+        trained.config.video_pruning_rate

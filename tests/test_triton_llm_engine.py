@@ -1,0 +1,85 @@
+"""ContinuousBatcher (the `llm` model's loop) on the real reference engine, without Triton: joins between
+steps, cancellation by id and by a requester that went away, results equal to `generate`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nemovl_trt.triton.models.common import read_manifest
+from nemovl_trt.triton.models.llm_engine import GenRequest, build_reference_batcher
+
+
+class ListSink:
+    """Collects streamed ids; `gone_after` makes it report cancellation after that many ids."""
+
+    def __init__(self, gone_after: int | None = None) -> None:
+        self.ids: list[int] = []
+        self.finish = ""
+        self.calls = 0
+        self.done = threading.Event()
+        self.gone_after = gone_after
+
+    def send(self, token_ids: list[int], finish_reason: str) -> None:
+        self.ids += token_ids
+        self.calls += 1
+        if finish_reason:
+            self.finish = finish_reason
+            self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.gone_after is not None and len(self.ids) >= self.gone_after
+
+
+@pytest.fixture(scope="module")
+def batcher(cpu_engines_dir: Path):
+    b = build_reference_batcher(cpu_engines_dir, read_manifest(cpu_engines_dir), max_batch_size=4)
+    yield b
+    b.close()
+
+
+def _prompt(batcher, text: str) -> list[int]:
+    """Byte values of the text shifted into the tiny vocabulary (plain token ids; no media placeholders)."""
+    vocab = batcher.engine.model.cfg.llm.vocab_size
+    return [20 + (b % (vocab // 2)) for b in text.encode()]
+
+
+def test_batching_cancel_and_reference_equality(batcher) -> None:
+    from nemovl_trt.model.engine import generate
+    from nemovl_trt.model.sampling import SamplingParams
+    from nemovl_trt.triton.models.llm_engine import sampling_params_from
+
+    opts = {"max_new_tokens": 12, "ignore_eos": True, "seed": 1, "temperature": 0.8}
+    a, b, c, d = ListSink(), ListSink(), ListSink(), ListSink(gone_after=3)
+    batcher.submit(GenRequest("a", _prompt(batcher, "first prompt"), None, opts, a))
+    time.sleep(0.05)  # b and c join while a is decoding
+    batcher.submit(GenRequest("b", _prompt(batcher, "second one"), None, opts, b))
+    batcher.submit(GenRequest("c", _prompt(batcher, "third, to be cancelled"), None,
+                              {**opts, "max_new_tokens": 10_000}, c))
+    batcher.submit(GenRequest("d", _prompt(batcher, "client goes away"), None, {**opts, "max_new_tokens": 10_000}, d))
+    deadline = time.monotonic() + 30
+    while len(c.ids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.cancel("c")
+    for s in (a, b, c, d):
+        assert s.done.wait(30)
+    assert (a.finish, b.finish, c.finish, d.finish) == ("length", "length", "cancelled", "cancelled")
+    assert len(a.ids) == len(b.ids) == 12 and len(c.ids) < 10_000 and len(d.ids) < 10_000
+    ref = generate(batcher.engine.model, _prompt(batcher, "second one"), None,
+                   sampling_params_from(SamplingParams, opts))
+    assert b.ids == ref
+    snap = batcher.snapshot()
+    assert snap["active"] == [] and snap["max_batch_seen"] >= 3
+    assert {"c", "d"} <= set(snap["cancelled_ids"])
+    assert not batcher.cancel("a")  # finished requests are unknown
+
+
+def test_bad_request_fails_alone(batcher) -> None:
+    bad, good = ListSink(), ListSink()
+    batcher.submit(GenRequest("bad", [], None, {"max_new_tokens": 3}, bad))  # empty prompt
+    batcher.submit(GenRequest("good", [21, 22, 23], None, {"max_new_tokens": 3, "ignore_eos": True}, good))
+    assert bad.done.wait(30) and good.done.wait(30)
+    assert bad.finish.startswith("error:") and good.finish == "length" and len(good.ids) == 3
