@@ -6,6 +6,10 @@ e.g. `tiny_ckpt_dir` (checkpoint), `cpu_engines_dir` (build), `triton_server` (t
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process: the test process, tritonserver's Python stubs and the frontend share
+# 2 cores, and oversubscribed torch threads made the suite 2-5x slower here. Set before torch loads;
+# subprocesses (tritonserver and its stubs) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = [
     "tests.fixtures_checkpoint",

@@ -19,9 +19,12 @@ The prompt is laid out before EVS with all R context tokens in frame 1; after EV
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported inside the functions that need it, so the preprocessor
+    import torch  # process (which only calls retained_count / check_pruning_rate) starts without it
 
 from nemovl_trt.preprocess.errors import INVALID_PARAMETER, PreprocessError
 
@@ -48,6 +51,8 @@ def retained_count(num_frames: int, tokens_per_frame: int, q: float) -> int:
 
 def dissimilarity(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
     """float32 ``[T, P]``: 255 for frame 0, else 1 − cosine similarity with the previous frame."""
+    import torch
+
     e = torch.as_tensor(embeddings).detach().to(dtype=torch.float32, device="cpu")
     if e.ndim != 3:
         raise ValueError(f"EVS expects embeddings [T, P, D], got shape {tuple(e.shape)}")
@@ -67,6 +72,8 @@ def evs_keep_mask(embeddings: torch.Tensor | np.ndarray, q: float) -> np.ndarray
     Returns:
         bool ``[T, P]`` numpy mask with exactly `retained_count`(T, P, q) True entries; frame 0 all True.
     """
+    import torch
+
     t, p = int(embeddings.shape[0]), int(embeddings.shape[1])
     r = retained_count(t, p, q)
     if r >= t * p:
@@ -84,6 +91,8 @@ def per_frame_counts(mask: np.ndarray) -> list[int]:
 
 def apply_evs(embeddings: torch.Tensor, q: float) -> tuple[torch.Tensor, list[int], np.ndarray]:
     """Prune ``[T, P, D]`` embeddings → (kept ``[R, D]`` in original order, per-frame counts, mask)."""
+    import torch
+
     mask = evs_keep_mask(embeddings, q)
     flat = embeddings.reshape(-1, embeddings.shape[-1])
     kept = flat[torch.from_numpy(mask.reshape(-1)).to(flat.device)]

@@ -73,6 +73,7 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock cap; stopping early makes the result machine-dependent
     threads: int = NUM_THREADS
     media: tuple[str, ...] = ROUND_MEDIA  # what one step's round holds (tests use a cheaper subset)
+    freeze_vision: bool = True  # train mlp1 + LLM on the seed's ViT features (3× cheaper steps)
     residual_init_scale: float = 0.1  # scales the writer's random init of every residual-branch output
     log_every: int = 25
 
@@ -189,9 +190,9 @@ class Trainer:
         self.model = NemotronVLM.from_checkpoint(self.ckpt, "float32")
         self.model.train()
         scale_residual_outputs(self.model, cfg.residual_init_scale)
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not (cfg.freeze_vision and name.startswith("vision_model.")))
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.98))
 
     # ---- media → embeddings + prompts
@@ -247,8 +248,10 @@ class Trainer:
     def media_embeddings(self, media: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
         """Per media the embedding rows [M,D] its placeholders take: the image tiles of the whole round
         go through one ViT batch (with gradients)."""
-        image_tiles = [m for m in media if isinstance(m, np.ndarray)]
-        emb = self.model.vision(torch.from_numpy(np.concatenate(image_tiles)))  # [n,P,D]
+        image_tiles = torch.from_numpy(np.concatenate([m for m in media if isinstance(m, np.ndarray)]))
+        with torch.set_grad_enabled(not self.cfg.freeze_vision):
+            feats = self.vision_features(image_tiles)  # [n,P,shuffled_dim]
+        emb = self.model.mlp1(feats)  # [n,P,D]
         out: list[torch.Tensor] = []
         cursor = 0
         for m in media:
