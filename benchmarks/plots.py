@@ -180,7 +180,9 @@ def plot_perf_analyzer(results: dict[str, Any], out: Path) -> Path | None:
         ax2.plot(c, [(r["latency_us"].get("p50 latency") or float("nan")) / 1e3 for r in rows], style, label=kind)
     ax1.set_title("perf_analyzer: requests/s (from its timestamps; gRPC streaming)", fontsize=9)
     ax2.set_title("perf_analyzer: p50 request latency (ms)", fontsize=9)
+    concs = sorted({r["concurrency"] for r in runs})
     for ax in (ax1, ax2):
+        ax.set_xticks(concs, [str(c) for c in concs])
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -205,3 +205,63 @@ def render_readme(results: dict[str, Any]) -> str:
     if errors:
         lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
     return "\n".join(lines)
+
+
+DOCS_START = "<!-- cpu-numbers:start (python -m benchmarks.report --update-docs) -->"
+DOCS_END = "<!-- cpu-numbers:end -->"
+
+
+def docs_summary(results: dict[str, Any]) -> str:
+    """The compact 'recorded CPU numbers' block of docs/benchmarks.md: headline numbers and targets."""
+    m = results.get("machine", {})
+    serving = results.get("serving") or {}
+    runs = serving.get("runs") or []
+    lines = [f"Recorded {results.get('time')} on {m.get('cpu_model')} ({m.get('nproc')} cores, no GPU, load average "
+             f"{_f((m.get('loadavg_1_5_15') or [None])[0], 1)} at start), "
+             f"{(results.get('stack') or {}).get('checkpoint_kind')} checkpoint; `make bench` took "
+             f"{_f(results.get('wall_s'), 0)} s.", ""]
+    if runs:
+        lines += ["| workload | conc | req/s (a) / (b) | TTFT p50 ms (a) / (b) | ITL p50 ms (a) / (b) | e2e p50 ms (a) / (b) |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            a, b = r["openai"], r["triton"]
+            lines.append(f"| {r['workload']} | {r['concurrency']} | {_f(a['request_throughput_rps'], 2)} / "
+                         f"{_f(b['request_throughput_rps'], 2)} | {_f(a['ttft_ms']['p50'])} / {_f(b['ttft_ms']['p50'])} | "
+                         f"{_f(a['itl_ms']['p50'], 2)} / {_f(b['itl_ms']['p50'], 2)} | "
+                         f"{_f(a['e2e_ms']['p50'])} / {_f(b['e2e_ms']['p50'])} |")
+        lines += ["", "(a) = OpenAI SDK → `nemovl serve` → Triton; (b) = tritonclient gRPC → Triton.", ""]
+    lines += ["Targets:", "", "```", *target_lines(results), "```"]
+    evs = (results.get("evs") or {}).get("rates") or []
+    if evs:
+        lines += ["", "EVS (16-frame clip): " + "; ".join(
+            f"q={r['q']}: {_f(r['prompt_tokens'], 0)} prompt tokens, TTFT p50 {_f(r['ttft_ms']['p50'], 0)} ms"
+            for r in evs) + "."]
+    return "\n".join(lines)
+
+
+def update_docs(results: dict[str, Any], path: Any) -> bool:
+    """Replace the block between DOCS_START and DOCS_END in `path` with docs_summary(results)."""
+    from pathlib import Path
+
+    doc = Path(path)
+    text = doc.read_text(encoding="utf-8")
+    if DOCS_START not in text or DOCS_END not in text:
+        return False
+    head, rest = text.split(DOCS_START, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    doc.write_text(head + DOCS_START + "\n" + docs_summary(results) + "\n" + DOCS_END + tail, encoding="utf-8")
+    return True
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from benchmarks.common import REPO_ROOT, RESULTS_DIR
+
+    summary = json.loads((RESULTS_DIR / "summary.json").read_text())
+    if "--update-docs" in sys.argv:
+        ok = update_docs(summary, REPO_ROOT / "docs" / "benchmarks.md")
+        print("docs/benchmarks.md updated" if ok else "markers not found in docs/benchmarks.md")
+    else:
+        print(docs_summary(summary))

@@ -45,7 +45,7 @@ class Budget:
     rounds_c1: int = 40  # text: rounds (one request per path) at concurrency 1
     requests_per_slot: int = 3  # text: requests per path at concurrency c = max(min_requests, slots · c)
     min_requests: int = 16
-    media_rounds_c1: int = 8  # image / video
+    media_rounds_c1: int = 16  # image / video
     media_requests_per_slot: int = 1
     media_min_requests: int = 8
     loop_time_s: float = 12.0

@@ -15,15 +15,6 @@ from nemovl_trt.model.commands import generate, generate_from_prompt
 from nemovl_trt.model.vlm import NemotronVLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on shared, oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint) -> NemotronVLM:
     return NemotronVLM.from_checkpoint(tiny_checkpoint)

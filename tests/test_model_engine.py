@@ -18,15 +18,6 @@ VOCAB = 320
 IMG_ID = VOCAB - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on shared, oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg() -> VLMConfig:
     d = preset_config("tiny")

@@ -24,15 +24,6 @@ def tiny_cfg(**llm_overrides) -> VLMConfig:
     return parse_vlm_config(d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on shared, oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llm_cfg() -> LLMConfig:
     return tiny_cfg().llm

@@ -27,15 +27,6 @@ def tiny_cfg(**vision_overrides) -> VLMConfig:
     return parse_vlm_config(d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on shared, oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg() -> VLMConfig:
     return tiny_cfg()

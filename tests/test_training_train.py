@@ -18,7 +18,7 @@ from nemovl_trt.training.train import (
     DEFAULT_SEED,
     TrainConfig,
     Trainer,
-    fused_vit_attention,
+    fused_attention,
     lr_at,
     set_determinism,
 )
@@ -27,14 +27,14 @@ TRAINED = Path(__file__).resolve().parent.parent / "data" / "tiny-trained"
 SHORT = TrainConfig(steps=4, lr=3e-3, warmup_steps=1, threads=1, media=("shape", "count"), log_every=100)
 
 
-def test_fused_vit_attention_matches_the_reference(tiny_checkpoint) -> None:
+def test_fused_attention_matches_the_reference(tiny_checkpoint) -> None:
     model = NemotronVLM.from_checkpoint(tiny_checkpoint, "float32")
     gen = torch.Generator().manual_seed(0)
     side = tiny_checkpoint.config.force_image_size
     pixels = torch.randn(2, 3, side, side, generator=gen)
     with torch.no_grad():
         ref = model.vision(pixels)
-        with fused_vit_attention(model):
+        with fused_attention(model):
             fast = model.vision(pixels)
         again = model.vision(pixels)  # the patch is undone on exit
     assert fast.shape == (2, tiny_checkpoint.config.tokens_per_tile, tiny_checkpoint.config.llm.hidden_size)
@@ -54,7 +54,7 @@ def _short_run(base: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     set_determinism(SHORT.seed, SHORT.threads)
     trainer = Trainer(base, SHORT)
     losses: list[float] = []
-    with fused_vit_attention(trainer.model):
+    with fused_attention(trainer.model):
         for step in range(SHORT.steps):
             losses.append(trainer.step(step)[0])
     return losses, trainer.trained_tensors()
@@ -77,7 +77,7 @@ def test_video_round_prompt_matches_the_pruned_embeddings(tiny_ckpt_dir: Path) -
     cfg = TrainConfig(media=("video",), threads=1)
     trainer = Trainer(tiny_ckpt_dir, cfg)
     vcfg = trainer.vcfg
-    with torch.no_grad(), fused_vit_attention(trainer.model):
+    with torch.no_grad(), fused_attention(trainer.model):
         media, examples = trainer.build_round(0)
     rows = media[0]
     frames, per_tile = 8, vcfg.tokens_per_tile

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemovl_trt.checkpoint.config import VLMConfig
+from nemovl_trt.model.norms import RMSNorm
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -32,20 +33,6 @@ def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.T
     return x.contiguous()
 
 
-class ProjectorRMSNorm(nn.Module):
-    """`mlp1.0`: RMSNorm computed in fp32, cast back."""
-
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
-
-
 class SquaredReLU(nn.Module):
     """`mlp1.2`: relu(x)²."""
 
@@ -62,7 +49,7 @@ class Projector(nn.Sequential):
 
     def __init__(self, cfg: VLMConfig):
         super().__init__(
-            ProjectorRMSNorm(cfg.shuffled_dim, cfg.llm.layer_norm_epsilon),
+            RMSNorm(cfg.shuffled_dim, cfg.llm.layer_norm_epsilon),
             nn.Linear(cfg.shuffled_dim, cfg.projector_hidden_size, bias=False),
             SquaredReLU(),
             nn.Linear(cfg.projector_hidden_size, cfg.llm.hidden_size, bias=False),

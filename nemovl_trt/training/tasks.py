@@ -154,12 +154,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
 
 
 def _single_shape(rng: np.random.Generator, kind: str, color: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """One shape of size ~0.3·side, centred with a ±6 % jitter."""
+    """One shape of size 0.3·side, centred (its outline is then a fixed template on the token grid)."""
     side = int(rng.choice(SINGLE_TILE_SIDES))
     img = Image.new("RGB", (side, side), _background(rng))
-    r = float(rng.uniform(0.27, 0.33)) * side
-    cx = side / 2 + float(rng.uniform(-0.06, 0.06)) * side
-    cy = side / 2 + float(rng.uniform(-0.06, 0.06)) * side
+    r = 0.3 * side
+    cx = cy = side / 2
     draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, COLORS[color])
     return np.asarray(img), {"side": side, "center": (cx, cy), "radius": r, "kind": kind, "color": color}
 
@@ -200,12 +199,11 @@ def _gen_read(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any]
     side = int(rng.choice(SINGLE_TILE_SIDES))
     img = Image.new("RGB", (side, side), _background(rng))
     draw = ImageDraw.Draw(img)
-    size = int(side * float(rng.uniform(0.2, 0.22)))
+    size = int(side * 0.2)
     font = ImageFont.load_default(size=size)
     left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-    # centred (±5 % jitter)
-    x = (side - (right - left)) / 2 - left + float(rng.uniform(-0.05, 0.05)) * side
-    y = (side - (bottom - top)) / 2 - top + float(rng.uniform(-0.05, 0.05)) * side
+    x = (side - (right - left)) / 2 - left  # centred
+    y = (side - (bottom - top)) / 2 - top
     ink = int(rng.integers(0, 60))
     draw.text((x, y), word, fill=(ink, ink, ink), font=font)
     return word, np.asarray(img), {"side": side, "font_size": size, "origin": (x, y),

@@ -1,21 +1,26 @@
 """Train the tiny checkpoint on the synthetic visual-QA tasks (`nemovl-build train-tiny`).
 
 What makes the trained weights valid for the served stack: every input goes through the production
-code — `preprocess.image.image_to_tiles` (the checkpoint's mean/std, the server's default tile budget),
-`preprocess.video.preprocess_video` on the encoded MP4 (default 2 fps sampling), `preprocess.evs`
-on the projected frame embeddings, and `preprocess.prompt.build_prompt` with the checkpoint's chat
-template — and through the reference model's modules (`NemotronVLM.vision` and `.language_model`,
-`NemotronVLM.embed`). The one substitution is the ViT attention kernel: training runs
-`torch.nn.functional.scaled_dot_product_attention` in place of the reference's explicit softmax
-(same math; outputs agree to ~1e-7, checked by tests/test_training_train.py), because it is 5–10×
-faster on CPU. The saved checkpoint is the `make-checkpoint --preset tiny` format exactly: the
+code — `preprocess.image.image_to_tiles` (the checkpoint's mean/std, the server's default tile budget
+of 12), `preprocess.video.preprocess_video` on the encoded MP4 (default 2 fps sampling),
+`preprocess.evs` on the projected frame embeddings (q = the checkpoint config's video_pruning_rate),
+and `preprocess.prompt.build_prompt` / `rebuild_video_prompt` with the checkpoint's chat template —
+and through the reference model's modules (`NemotronVLM.vision_model`, pixel shuffle, `.mlp1`,
+`.language_model`, `NemotronVLM.embed`). The one substitution is the attention kernel: training
+runs `torch.nn.functional.scaled_dot_product_attention` in place of the reference's explicit softmax
+(same math; outputs agree to ~1e-6, checked by tests/test_training_train.py), because it is several
+times faster on CPU. The saved checkpoint is the `make-checkpoint --preset tiny` format exactly: the
 writer makes config/tokenizer/random weights for the seed, then the trained tensors replace the
 weights under the same names, shapes, dtype and file conventions.
 
-Each step trains on one "round" of the task family (7 answers): a shape image (its colour and its
-shape), a counting image, a word image, a detail image (3 tiles) and a video (its first and its last
-colour). The loss is the cross-entropy of the answer tokens and the stop token only. Deterministic
-for a seed: data order is a function of (seed, step), `torch.manual_seed(seed)`, 2 threads.
+Recipe: start from the writer's random weights for the seed with every residual-branch output
+projection scaled by 0.1; keep the ViT at those weights (frozen: RADIO's random features keep
+colour, texture and layout, and a frozen ViT makes a step ~3× cheaper) and train mlp1 + the LLM
+with AdamW (warm-up, cosine decay). Each step is one "round" of the task family: two shape images
+(each answers its colour and its shape), two counting images, two word images, one detail image
+(3 tiles) and one video (its first and its last colour) — 12 answers. The loss is the cross-entropy
+of the answer tokens and the stop token only. Deterministic for a seed and thread count: data are a
+function of (seed, step), `torch.manual_seed(seed)`, 2 threads.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import tempfile
 import time
 import types
@@ -49,11 +53,12 @@ from nemovl_trt.training import prompts
 from nemovl_trt.training.tasks import QUESTIONS, Sample, generate_sample
 
 PRESET = "tiny"
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 1200
 DEFAULT_SEED = 0
 DEFAULT_MAX_NUM_TILES = 12  # the server's default tile budget (api.md: mm_processor_kwargs default 12)
 NUM_THREADS = 2
-ROUND_MEDIA: tuple[str, ...] = ("shape", "count", "read", "detail", "video")  # one step's media
+# One step's media: the cheap single-tile kinds twice (they need the most examples), detail and video once.
+ROUND_MEDIA: tuple[str, ...] = ("shape", "shape", "count", "count", "read", "read", "detail", "video")
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def _causal_sdpa_forward(self: Attention, hidden: torch.Tensor, caches: list[Any
 
 
 @contextlib.contextmanager
-def fused_vit_attention(model: torch.nn.Module) -> Iterator[None]:
+def fused_attention(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, every ViT attention and every LLM attention of `model` uses
     `scaled_dot_product_attention` (the LLM one only for cache-free full-sequence forwards)."""
     patched = []
@@ -152,22 +157,26 @@ def round_samples(step: int, seed: int, media: tuple[str, ...] = ROUND_MEDIA
     A shape image answers both `color` and `shape`; a video both `video_first` and `video_last`.
     `media` selects which of `ROUND_MEDIA` the round holds (all by default).
     """
-    def shape() -> tuple[Sample, list[tuple[str, str]]]:
-        img = generate_sample("color", step, seed, "train")
+    def shape(index: int) -> tuple[Sample, list[tuple[str, str]]]:
+        img = generate_sample("color", index, seed, "train")
         return img, [("color", img.meta["color"]), ("shape", img.meta["kind"])]
 
-    def single(qtype: str) -> tuple[Sample, list[tuple[str, str]]]:
-        sample = generate_sample(qtype, step, seed, "train")
+    def single(qtype: str, index: int) -> tuple[Sample, list[tuple[str, str]]]:
+        sample = generate_sample(qtype, index, seed, "train")
         return sample, [(qtype, sample.answer)]
 
-    def video() -> tuple[Sample, list[tuple[str, str]]]:
-        clip = generate_sample("video_first", step, seed, "train")
+    def video(index: int) -> tuple[Sample, list[tuple[str, str]]]:
+        clip = generate_sample("video_first", index, seed, "train")
         shown = [c for c in clip.meta["frames"] if c is not None]
         return clip, [("video_first", shown[0]), ("video_last", shown[-1])]
 
-    makers = {"shape": shape, "count": lambda: single("count"), "read": lambda: single("read"),
-              "detail": lambda: single("detail"), "video": video}
-    return [makers[m]() for m in media]
+    makers = {"shape": shape, "count": lambda i: single("count", i), "read": lambda i: single("read", i),
+              "detail": lambda i: single("detail", i), "video": video}
+    out = []
+    for pos, kind in enumerate(media):
+        per_step = media.count(kind)
+        out.append(makers[kind](step * per_step + media[:pos].count(kind)))  # unique index per kind
+    return out
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -378,7 +387,7 @@ def run_steps(trainer: Trainer, cfg: TrainConfig, log: Callable[[str], None]) ->
     report = TrainReport(steps=0, seconds=0.0)
     window_loss: list[float] = []
     window_stats: dict[str, tuple[int, int]] = {}
-    with fused_vit_attention(trainer.model):
+    with fused_attention(trainer.model):
         for step in range(cfg.steps):
             loss, stats = trainer.step(step)
             window_loss.append(loss)
@@ -404,12 +413,3 @@ def run_steps(trainer: Trainer, cfg: TrainConfig, log: Callable[[str], None]) ->
                 break
     report.seconds = time.monotonic() - t0
     return report
-
-
-def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Copy a checkpoint directory (files only)."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in Path(src).iterdir():
-        if p.is_file():
-            shutil.copy2(p, dst / p.name)
