@@ -150,11 +150,7 @@ class ContinuousBatcher:
                 self.engine.add(req.request_id, req.input_ids, self.to_tensor(req.mm_embeddings),
                                 self.make_sampling(req.sampling))
             except Exception as e:  # noqa: BLE001 - reported to that request only
-                self.stats.failed += 1
-                try:
-                    req.sink.send([], f"error:{e}")
-                except Exception:  # noqa: BLE001
-                    pass
+                self._fail(req, e)
                 continue
             self._active[req.request_id] = req
         # Requesters that went away leave the batch (each check is an IPC round trip: throttled).
@@ -166,6 +162,14 @@ class ContinuousBatcher:
             if req.sink.is_cancelled():
                 self.engine.cancel(rid)
                 self._finish(req, "cancelled")
+
+    def _fail(self, req, error: Exception) -> None:
+        """Report `error` to that request alone (its caller may already be gone)."""
+        self.stats.failed += 1
+        try:
+            req.sink.send([], f"error:{error}")
+        except Exception:  # noqa: BLE001
+            pass
 
     def _run(self) -> None:
         while True:
@@ -184,11 +188,7 @@ class ContinuousBatcher:
                 for rid, req in list(self._active.items()):
                     self.engine.cancel(rid)
                     self._active.pop(rid, None)
-                    self.stats.failed += 1
-                    try:
-                        req.sink.send([], f"error:{e}")
-                    except Exception:  # noqa: BLE001
-                        pass
+                    self._fail(req, e)
                 continue
             self.stats.steps += 1
             by_req: dict[str, tuple[list[int], str]] = {}
