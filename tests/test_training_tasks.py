@@ -23,6 +23,7 @@ from nemovl_trt.training.tasks import (
     VIDEO_FRAMES,
     WORDS,
     answer_vocabulary,
+    draw_shape,
     generate_sample,
     generate_samples,
     normalize_answer,
@@ -70,26 +71,31 @@ def test_color_answer_is_the_pixel_colour_at_the_centre() -> None:
     for i in range(N):
         s = generate_sample("color", i, seed=0)
         cx, cy = s.meta["center"]
-        assert _px(s.image, cx, cy) == COLORS[s.answer]
+        r, stroke = s.meta["radius"], s.meta["stroke"]
+        # the outline's left-most stroke (every shape reaches x = cx - 0.85 r … cx - r near some y)
+        painted = np.all(s.image == np.array(COLORS[s.answer], dtype=np.uint8), axis=-1)
+        assert painted.sum() > stroke * r, s.meta
+        ys, xs = np.nonzero(painted)
+        assert abs(xs.mean() - cx) < 0.1 * r
         assert s.image.shape[0] == s.image.shape[1] <= 512
 
 
-def _classify_shape(img: np.ndarray, cx: float, cy: float, r: float) -> str:
-    """Which shape covers which of four probe points (circle, square, triangle and diamond differ)."""
-    bg = tuple(int(v) for v in img[0, 0])
-    probes = [(cx + 0.8 * r, cy + 0.8 * r), (cx - 0.9 * r, cy), (cx, cy - 0.9 * r), (cx + 0.6 * r, cy + 0.6 * r)]
-    sig = tuple(_px(img, x, y) != bg for x, y in probes)
-    table = {(True, False, False, True): "square", (False, True, True, True): "circle",
-             (False, False, True, True): "triangle", (False, True, True, False): "diamond"}
-    return table[sig]
-
-
-def test_shape_answer_matches_probe_pixels() -> None:
+def test_shape_image_is_exactly_the_answer_outline() -> None:
     kinds = set()
     for i in range(N):
         s = generate_sample("shape", i, seed=0)
+        bg = tuple(int(v) for v in s.image[0, 0])
         cx, cy = s.meta["center"]
-        assert _classify_shape(s.image, cx, cy, s.meta["radius"]) == s.answer
+        renders = {}
+        for kind in SHAPES:
+            img = Image.new("RGB", s.image.shape[1::-1], bg)
+            draw_shape(ImageDraw.Draw(img), kind, cx, cy, s.meta["radius"], COLORS[s.meta["color"]],
+                       stroke=s.meta["stroke"])
+            renders[kind] = np.asarray(img)
+        assert np.array_equal(renders[s.answer], s.image)
+        for kind in SHAPES:
+            if kind != s.answer:  # the other outlines differ in many pixels, not just a few
+                assert np.any(renders[kind] != s.image, axis=-1).mean() > 0.02
         kinds.add(s.answer)
     assert kinds == set(SHAPES)
 

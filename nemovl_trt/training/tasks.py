@@ -7,7 +7,8 @@ held-out question can never be a training question, whatever seeds are chosen.
 Question types (answers are one lower-case word or digit):
 
 * ``color``  — one shape on a light background; "What color is the shape?" → a colour name.
-* ``shape``  — one shape in a random colour; "What shape is shown?" → circle / square / triangle / diamond.
+* ``shape``  — the thick outline of one centred shape in a random colour; "What shape is shown?" →
+  circle / square / triangle / diamond (the ``color`` question is asked about the same images).
 * ``count``  — 1–5 equal circles; "How many circles are there?" → a digit.
 * ``read``   — a word rendered with Pillow's default font; "What word is written?" → the word.
 * ``detail`` — a 1024×512 image (2 tiles + thumbnail) with a framed box filled with 1-pixel vertical
@@ -15,8 +16,8 @@ Question types (answers are one lower-case word or digit):
   512×512 (the thumbnail, or the whole image when ``max_num_tiles = 1``) averages every horizontal
   pixel pair, so all three textures become the same flat grey: only the full-resolution tiles show
   the answer.
-* ``video_first`` / ``video_last`` — an 8-frame MP4 (2 fps) in which coloured squares appear one
-  after another (with blank frames before/after); "Which color appears first / last?".
+* ``video_first`` / ``video_last`` — an 8-frame MP4 (2 fps) showing 2–3 coloured squares one after
+  another in runs of frames; "Which color appears first / last?".
 
 Images are square and at most 512 pixels for the single-tile types, so they are one tile for any
 ``max_num_tiles`` (a square image ≤ 724 px keeps the 1×1 grid under the tie/area rule).
@@ -49,6 +50,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 WORDS: tuple[str, ...] = ("cat", "sun", "tree", "moon", "zebra", "kiwi")
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "plain")
 MAX_COUNT = 5
+SHAPE_SIZE = 0.3  # shape "radius" / image side
+SHAPE_STROKE = 0.07  # outline width / image side
+COUNT_RADIUS = 0.095  # circle radius / image side
 
 SINGLE_TILE_SIDES: tuple[int, ...] = (320, 384, 448, 512)  # pixels; square → always one tile
 DETAIL_SIZE: tuple[int, int] = (1024, 512)  # (width, height) → a 2×1 grid + thumbnail
@@ -144,23 +148,27 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float,
-               color: tuple[int, int, int]) -> None:
-    """Draw a filled shape of size r (pixels) centred at (cx, cy)."""
+               color: tuple[int, int, int], stroke: int = 0) -> None:
+    """Draw a shape of size r (pixels) centred at (cx, cy): filled, or its outline `stroke` pixels wide."""
     poly = _shape_polygon(kind, cx, cy, r)
+    style: dict[str, Any] = {"outline": color, "width": stroke} if stroke else {"fill": color}
     if poly is None:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
     else:
-        draw.polygon(poly, fill=color)
+        draw.polygon(poly, **style)
 
 
 def _single_shape(rng: np.random.Generator, kind: str, color: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """One shape of size 0.3·side, centred (its outline is then a fixed template on the token grid)."""
+    """The thick outline of one shape of size 0.3·side, centred: its strokes' directions (like a glyph's)
+    tell the shapes apart."""
     side = int(rng.choice(SINGLE_TILE_SIDES))
     img = Image.new("RGB", (side, side), _background(rng))
-    r = 0.3 * side
+    r = SHAPE_SIZE * side
     cx = cy = side / 2
-    draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, COLORS[color])
-    return np.asarray(img), {"side": side, "center": (cx, cy), "radius": r, "kind": kind, "color": color}
+    stroke = max(2, round(SHAPE_STROKE * side))
+    draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, COLORS[color], stroke=stroke)
+    return np.asarray(img), {"side": side, "center": (cx, cy), "radius": r, "kind": kind, "color": color,
+                             "stroke": stroke}
 
 
 def _gen_color(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any]]:
@@ -183,11 +191,11 @@ def _gen_count(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any
     img = Image.new("RGB", (side, side), _background(rng))
     draw = ImageDraw.Draw(img)
     color = str(rng.choice(list(COLORS)))
-    r = side * float(rng.uniform(0.065, 0.075))
+    r = side * COUNT_RADIUS
     centers: list[tuple[float, float]] = []
-    while len(centers) < n:  # rejection sampling: circles at least 0.6 r apart (edge to edge)
+    while len(centers) < n:  # rejection sampling: circles at least 0.4 r apart (edge to edge)
         c = (float(rng.uniform(r + 2, side - r - 2)), float(rng.uniform(r + 2, side - r - 2)))
-        if all((c[0] - p[0]) ** 2 + (c[1] - p[1]) ** 2 > (2.6 * r) ** 2 for p in centers):
+        if all((c[0] - p[0]) ** 2 + (c[1] - p[1]) ** 2 > (2.4 * r) ** 2 for p in centers):
             centers.append(c)
     for cx, cy in centers:
         draw_shape(draw, "circle", cx, cy, r, COLORS[color])
@@ -286,8 +294,7 @@ def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
 def _gen_video(rng: np.random.Generator, which: str) -> tuple[str, bytes, dict[str, Any]]:
     n_colors = int(rng.integers(2, 4))
     names = [str(c) for c in rng.choice(list(COLORS), size=n_colors, replace=False)]
-    lead = int(rng.integers(0, 3))
-    trail = int(rng.integers(0, 3))
+    lead = trail = 0  # every frame shows a colour: first = frame 1's, last = the final run's
     shown = VIDEO_FRAMES - lead - trail
     # split `shown` frames into n_colors runs of ≥ 1 frame each
     cuts = sorted(int(c) for c in rng.choice(np.arange(1, shown), size=n_colors - 1, replace=False))

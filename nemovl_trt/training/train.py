@@ -17,8 +17,8 @@ Recipe: start from the writer's random weights for the seed with every residual-
 projection scaled by 0.1; keep the ViT at those weights (frozen: RADIO's random features keep
 colour, texture and layout, and a frozen ViT makes a step ~3× cheaper) and train mlp1 + the LLM
 with AdamW (warm-up, cosine decay). Each step is one "round" of the task family: two shape images
-(each answers its colour and its shape), two counting images, two word images, one detail image
-(3 tiles) and one video (its first and its last colour) — 12 answers. The loss is the cross-entropy
+(each answers its colour and its shape), two counting images, one word image, one detail image
+(3 tiles) and two videos (each answers its first and its last colour) — 11 answers. The loss is the cross-entropy
 of the answer tokens and the stop token only. Deterministic for a seed and thread count: data are a
 function of (seed, step), `torch.manual_seed(seed)`, 2 threads.
 """
@@ -58,7 +58,7 @@ DEFAULT_SEED = 0
 DEFAULT_MAX_NUM_TILES = 12  # the server's default tile budget (api.md: mm_processor_kwargs default 12)
 NUM_THREADS = 2
 # One step's media: the cheap single-tile kinds twice (they need the most examples), detail and video once.
-ROUND_MEDIA: tuple[str, ...] = ("shape", "shape", "count", "count", "read", "read", "detail", "video")
+ROUND_MEDIA: tuple[str, ...] = ("shape", "shape", "count", "count", "read", "detail", "video", "video")
 
 
 @dataclass(frozen=True)
