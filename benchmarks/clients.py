@@ -86,6 +86,22 @@ class Workload:
         return kwargs
 
 
+def _failed(start: float, exc: Exception) -> RequestRecord:
+    """A request that raised: recorded with its elapsed time and a short error text."""
+    return RequestRecord(ok=False, start_s=start, e2e_s=time.perf_counter() - start,
+                         error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _streamed_record(start: float, e2e: float, ttft: float | None, tokens: tuple[int, int] | None,
+                     extra: dict[str, Any] | None = None) -> RequestRecord:
+    """A finished OpenAI stream; `tokens` = (completion, prompt) from its usage chunk, None when it sent none."""
+    if tokens is None:
+        return RequestRecord(ok=False, start_s=start, e2e_s=e2e, ttft_s=ttft, error="no usage chunk")
+    kw = {"extra": extra} if extra is not None else {}
+    return RequestRecord(ok=True, start_s=start, e2e_s=e2e, ttft_s=ttft, completion_tokens=tokens[0],
+                         prompt_tokens=tokens[1], **kw)
+
+
 class OpenAIClient:
     """Streams chat completions from the frontend with the OpenAI SDK (one shared HTTP connection pool)."""
 
@@ -124,13 +140,9 @@ class OpenAIClient:
                             ttft = time.perf_counter() - start
             e2e = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 — a failed request is a data point, not a crash
-            return RequestRecord(ok=False, start_s=start, e2e_s=time.perf_counter() - start,
-                                 error=f"{type(exc).__name__}: {str(exc)[:200]}")
-        if usage is None:
-            return RequestRecord(ok=False, start_s=start, e2e_s=e2e, ttft_s=ttft, error="no usage chunk")
-        return RequestRecord(ok=True, start_s=start, e2e_s=e2e, ttft_s=ttft,
-                             completion_tokens=int(usage.completion_tokens),
-                             prompt_tokens=int(usage.prompt_tokens), extra={"chunks": chunks})
+            return _failed(start, exc)
+        tokens = None if usage is None else (int(usage.completion_tokens), int(usage.prompt_tokens))
+        return _streamed_record(start, e2e, ttft, tokens, extra={"chunks": chunks})
 
 
 class RawSSEClient:
@@ -172,13 +184,9 @@ class RawSSEClient:
                             ttft = time.perf_counter() - start
             e2e = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 — a failed request is a data point, not a crash
-            return RequestRecord(ok=False, start_s=start, e2e_s=time.perf_counter() - start,
-                                 error=f"{type(exc).__name__}: {str(exc)[:200]}")
-        if usage is None:
-            return RequestRecord(ok=False, start_s=start, e2e_s=e2e, ttft_s=ttft, error="no usage chunk")
-        return RequestRecord(ok=True, start_s=start, e2e_s=e2e, ttft_s=ttft,
-                             completion_tokens=int(usage["completion_tokens"]),
-                             prompt_tokens=int(usage["prompt_tokens"]))
+            return _failed(start, exc)
+        tokens = None if usage is None else (int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
+        return _streamed_record(start, e2e, ttft, tokens)
 
 
 def _bytes_input(name: str, values: list[bytes]) -> Any:
@@ -256,8 +264,7 @@ class TritonClient:
             if hasattr(stream, "cancel"):
                 stream.cancel()
         except Exception as exc:  # noqa: BLE001 — a failed request is a data point, not a crash
-            return RequestRecord(ok=False, start_s=start, e2e_s=time.perf_counter() - start,
-                                 error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return _failed(start, exc)
         extra: dict[str, Any] = {"responses": responses}
         if info:
             try:

@@ -29,6 +29,15 @@ def _footer(fig: Any, results: dict[str, Any]) -> None:
              fontsize=7, color="gray")
 
 
+def _save(fig: Any, results: dict[str, Any], path: Path, rect: tuple[float, float, float, float]) -> Path:
+    """Add the machine footer, lay out inside `rect` (room for the footer), write `path`, free the figure."""
+    _footer(fig, results)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_serving(results: dict[str, Any], out: Path) -> Path | None:
     """Grid: one row per workload; columns TTFT p50, ITL p50, e2e p50 (ms) and request throughput vs concurrency."""
     runs = results.get("serving", {}).get("runs") or []
@@ -55,12 +64,7 @@ def plot_serving(results: dict[str, Any], out: Path) -> Path | None:
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.suptitle("Serving on the cpu target: OpenAI frontend vs Triton direct", fontsize=11)
-    _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
-    path = out / "serving.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, results, out / "serving.png", rect=(0, 0.02, 1, 0.97))
 
 
 def plot_overhead(results: dict[str, Any], out: Path) -> Path | None:
@@ -104,12 +108,7 @@ def plot_overhead(results: dict[str, Any], out: Path) -> Path | None:
         ax.axhline(0, color="black", lw=0.5)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = out / "frontend_overhead.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, results, out / "frontend_overhead.png", rect=(0, 0.03, 1, 1))
 
 
 def plot_batching(results: dict[str, Any], out: Path) -> Path | None:
@@ -131,12 +130,7 @@ def plot_batching(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_title("continuous batching: throughput at concurrency 8 vs 1", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out / "batching.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, results, out / "batching.png", rect=(0, 0.04, 1, 1))
 
 
 def plot_evs(results: dict[str, Any], out: Path) -> Path | None:
@@ -155,12 +149,7 @@ def plot_evs(results: dict[str, Any], out: Path) -> Path | None:
     ax2.set_ylim(bottom=0)
     v = results["evs"].get("video", {})
     ax.set_title(f"EVS on one {v.get('sampled_frames', '?')}-frame video: prompt tokens and TTFT", fontsize=10)
-    _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out / "evs.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, results, out / "evs.png", rect=(0, 0.04, 1, 1))
 
 
 def plot_perf_analyzer(results: dict[str, Any], out: Path) -> Path | None:
@@ -186,12 +175,7 @@ def plot_perf_analyzer(results: dict[str, Any], out: Path) -> Path | None:
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out / "perf_analyzer.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, results, out / "perf_analyzer.png", rect=(0, 0.04, 1, 1))
 
 
 def plot_all(results: dict[str, Any], out_dir: Path = RESULTS_DIR) -> list[Path]:
