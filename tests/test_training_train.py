@@ -16,6 +16,7 @@ from nemovl_trt.checkpoint.weights import expected_tensors
 from nemovl_trt.model.vlm import NemotronVLM
 from nemovl_trt.training.train import (
     DEFAULT_SEED,
+    RoundPrefetcher,
     TrainConfig,
     Trainer,
     fused_attention,
@@ -69,7 +70,9 @@ def test_short_training_is_deterministic_and_lowers_the_loss(tiny_ckpt_dir: Path
     original = load_checkpoint(tiny_ckpt_dir).tensors
     changed = [k for k in tensors_a if not torch.equal(tensors_a[k], original[k])]
     assert "mlp1.1.weight" in changed and "language_model.lm_head.weight" in changed
-    assert any(k.startswith("vision_model.radio_model.model.blocks.") for k in changed)
+    # the ViT is frozen: only its residual outputs differ from the random init (the init scaling)
+    vit_changed = {k for k in changed if k.startswith("vision_model.")}
+    assert vit_changed and all(k.endswith(("attn.proj.weight", "mlp.fc2.weight")) for k in vit_changed)
 
 
 def test_video_round_prompt_matches_the_pruned_embeddings(tiny_ckpt_dir: Path) -> None:
@@ -91,6 +94,42 @@ def test_video_round_prompt_matches_the_pruned_embeddings(tiny_ckpt_dir: Path) -
         assert "This is a video:\nFrame 1 sampled at 0.00 seconds: " in text
         assert "Frame 8 sampled at 3.50 seconds: " in text
         assert text.endswith("<SPECIAL_11>Assistant\n<think></think>")
+
+
+def test_shared_prefix_forward_equals_full_sequences(tiny_ckpt_dir: Path) -> None:
+    """The step runs each media's prefix once and forks it per question; the hidden states that predict
+    the answers must equal running every question's full sequence through the reference model."""
+    set_determinism(0, 1)
+    trainer = Trainer(tiny_ckpt_dir, TrainConfig(media=("shape", "count", "video"), threads=1))
+    rows, examples = trainer.build_round(0)
+    assert [e.qtype for e in examples] == ["color", "shape", "count", "video_first", "video_last"]
+    lm = trainer.model.language_model
+    with torch.no_grad():
+        with fused_attention(trainer.model):
+            fast = trainer.answer_hidden(rows, examples)
+        ref = []
+        for ex in examples:
+            ids = ex.prompt_ids + ex.answer_ids
+            h = lm.hidden_states(trainer.model.embed(ids, rows[ex.media])[None], [lm.new_state()])
+            ref.append(h[0, len(ex.prompt_ids) - 1:len(ids) - 1])
+    assert fast.shape == (sum(len(e.answer_ids) for e in examples), lm.lm_head.in_features)
+    assert torch.allclose(fast, torch.cat(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_background_worker_prepares_the_same_round(tiny_ckpt_dir: Path) -> None:
+    set_determinism(0, 1)
+    cfg = TrainConfig(media=("count", "video"), threads=1)
+    trainer = Trainer(tiny_ckpt_dir, cfg)
+    here = trainer.vision.prepare(3, cfg.seed, cfg.media)
+    prefetch = RoundPrefetcher(trainer.vision, cfg.seed, cfg.media)
+    try:
+        there = prefetch.get(3, 5)
+    finally:
+        prefetch.close()
+    assert [m.qas for m in there] == [m.qas for m in here]
+    assert [m.timestamps for m in there] == [m.timestamps for m in here] and here[1].timestamps is not None
+    assert all(torch.equal(a.features, b.features) for a, b in zip(here, there, strict=True))
+    assert here[0].features.shape == (1, trainer.vcfg.tokens_per_tile, trainer.vcfg.shuffled_dim)
 
 
 @pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="data/tiny-trained is not committed yet")

@@ -114,7 +114,7 @@ class _Runner:
         self.force = force
         self.state = _State(out / STATE_FILE)
         self.report = BuildReport(out_dir=out)
-        self.bar = tqdm(total=total, desc="engines", unit="step", leave=False)
+        self.bar = tqdm(total=total, desc="engines", unit="step", leave=False, disable=None)  # no bar off a tty
         self._log = log
 
     def log(self, message: str) -> None:

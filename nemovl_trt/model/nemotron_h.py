@@ -170,13 +170,12 @@ class NemotronHLM(nn.Module):
                 st.kv[i] = KVCache(k=empty, v=empty.clone())
         return st
 
-    def forward_embeds(self, embeds: torch.Tensor, states: list[SequenceState],
-                       last_only: bool = False) -> torch.Tensor:
+    def hidden_states(self, embeds: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """Run L new positions for B sequences, continuing from (and updating) their states.
 
-        embeds [B,L,H] (model dtype), len(states) == B → logits [B,L,V] (fp32), or [B,V] with
-        `last_only`. L > 1: prefill (chunked scan); L == 1: decode (recurrence); sequences may have
-        consumed different numbers of tokens before.
+        embeds [B,L,H] (model dtype), len(states) == B → final-normed hidden states [B,L,H] (what
+        `lm_head` reads). L > 1: prefill (chunked scan); L == 1: decode (recurrence); sequences may
+        have consumed different numbers of tokens before.
         """
         if embeds.shape[0] != len(states):
             raise ValueError(f"got {embeds.shape[0]} rows but {len(states)} sequence states.")
@@ -192,9 +191,16 @@ class NemotronHLM(nn.Module):
             h = h + x
         for s in states:
             s.num_tokens += embeds.shape[1]
+        return self.backbone.norm_f(h)
+
+    def forward_embeds(self, embeds: torch.Tensor, states: list[SequenceState],
+                       last_only: bool = False) -> torch.Tensor:
+        """`hidden_states` followed by the head: embeds [B,L,H] → logits [B,L,V] (fp32), or [B,V] with
+        `last_only`."""
+        h = self.hidden_states(embeds, states)
         if last_only:
             h = h[:, -1]
-        return self.lm_head(self.backbone.norm_f(h)).float()
+        return self.lm_head(h).float()
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,6 @@ from nemovl_trt.checkpoint.config import VLMConfig
 from nemovl_trt.checkpoint.tokenizer import TokenizerBundle
 from nemovl_trt.preprocess.evs import evs_keep_mask, per_frame_counts
 from nemovl_trt.preprocess.prompt import ImageInput, VideoInput, build_prompt, rebuild_video_prompt
-from nemovl_trt.preprocess.video import VideoTiles
 
 
 def image_prompt(tok: TokenizerBundle, cfg: VLMConfig, messages: list[dict[str, Any]],
@@ -21,12 +20,12 @@ def image_prompt(tok: TokenizerBundle, cfg: VLMConfig, messages: list[dict[str, 
     return build_prompt(messages, tok, cfg, images=[ImageInput(num_tiles=n) for n in tiles_per_image]).input_ids
 
 
-def video_prompt(tok: TokenizerBundle, cfg: VLMConfig, video: VideoTiles, embeddings: torch.Tensor,
+def video_prompt(tok: TokenizerBundle, cfg: VLMConfig, timestamps: Sequence[float], embeddings: torch.Tensor,
                  pruning_rate: float) -> tuple[torch.Tensor, Callable[[list[dict[str, Any]]], list[int]]]:
     """EVS on a video's projected embeddings and the matching prompt layout.
 
     Args:
-        video: the preprocessed video (timestamps of the sampled frames).
+        timestamps: seconds of the sampled frames (`VideoTiles.timestamps`).
         embeddings: ``[T, P, D]`` projected frame embeddings (EVS scores them; no gradient needed).
         pruning_rate: EVS rate q (0 keeps every token).
 
@@ -36,7 +35,7 @@ def video_prompt(tok: TokenizerBundle, cfg: VLMConfig, video: VideoTiles, embedd
     """
     mask = evs_keep_mask(embeddings, pruning_rate)
     counts = per_frame_counts(mask)
-    info = VideoInput(timestamps=list(video.timestamps), pruning_rate=pruning_rate)
+    info = VideoInput(timestamps=list(timestamps), pruning_rate=pruning_rate)
 
     def prompt_for(messages: list[dict[str, Any]]) -> list[int]:
         res = build_prompt(messages, tok, cfg, video=info)

@@ -9,15 +9,17 @@ Question types (answers are one lower-case word or digit):
 * ``color``  — one shape on a light background; "What color is the shape?" → a colour name.
 * ``shape``  — the thick outline of one centred shape in a random colour; "What shape is shown?" →
   circle / square / triangle / diamond (the ``color`` question is asked about the same images).
-* ``count``  — 1–5 equal circles; "How many circles are there?" → a digit.
+* ``count``  — 1–5 equal dark dots; "How many circles are there?" → a digit.
 * ``read``   — a word rendered with Pillow's default font; "What word is written?" → the word.
 * ``detail`` — a 1024×512 image (2 tiles + thumbnail) with a framed box filled with 1-pixel vertical
   stripes, a 1-pixel checkerboard, or plain grey at the stripes' mean level. Resizing the image to
   512×512 (the thumbnail, or the whole image when ``max_num_tiles = 1``) averages every horizontal
   pixel pair, so all three textures become the same flat grey: only the full-resolution tiles show
   the answer.
-* ``video_first`` / ``video_last`` — an 8-frame MP4 (2 fps) showing 2–3 coloured squares one after
-  another in runs of frames; "Which color appears first / last?".
+* ``video_first`` / ``video_last`` — an 8-frame MP4 (2 fps): a square that jumps to a new place every
+  frame and shows 2–3 colours one run after another; "Which color appears first / last?". Every frame
+  changes, so EVS keeps some of the square's tokens in every frame, and reversing the frame order
+  swaps the two answers.
 
 Images are square and at most 512 pixels for the single-tile types, so they are one tile for any
 ``max_num_tiles`` (a square image ≤ 724 px keeps the 1×1 grid under the tie/area rule).
@@ -52,13 +54,16 @@ PATTERNS: tuple[str, ...] = ("stripes", "checks", "plain")
 MAX_COUNT = 5
 SHAPE_SIZE = 0.3  # shape "radius" / image side
 SHAPE_STROKE = 0.07  # outline width / image side
-COUNT_RADIUS = 0.095  # circle radius / image side
+COUNT_RADIUS = 0.13  # dot radius / image side
+COUNT_INK_MAX = 59  # dots are grey 0..59 on the 200..250 background
+COUNT_PLACEMENT_TRIES = 200
 
 SINGLE_TILE_SIDES: tuple[int, ...] = (320, 384, 448, 512)  # pixels; square → always one tile
 DETAIL_SIZE: tuple[int, int] = (1024, 512)  # (width, height) → a 2×1 grid + thumbnail
 VIDEO_SIDE = 128  # pixels (frames are resized to one 512 tile by the preprocessing)
 VIDEO_FRAMES = 8
 VIDEO_FPS = 2
+VIDEO_MIN_COLORS, VIDEO_MAX_COLORS = 2, 3  # colours shown one after another
 
 # EVS rate the tiny checkpoint is trained with: the tiny preset's config `video_pruning_rate` (0.7, as the
 # 12B's; a test checks they agree). Eval clients send it with every video so the served layout matches.
@@ -186,20 +191,28 @@ def _gen_shape(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any
 
 
 def _gen_count(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any]]:
+    """1–5 equal dark-grey dots (radius 0.13·side, at least 0.4 r apart edge to edge) on a light
+    background. One ink colour per image keeps the question about *how many*, not *which colour*."""
     n = int(rng.integers(1, MAX_COUNT + 1))
     side = int(rng.choice(SINGLE_TILE_SIDES))
-    img = Image.new("RGB", (side, side), _background(rng))
-    draw = ImageDraw.Draw(img)
-    color = str(rng.choice(list(COLORS)))
+    bg = _background(rng)
+    v = int(rng.integers(0, COUNT_INK_MAX + 1))
+    ink = (v, v, v)
     r = side * COUNT_RADIUS
     centers: list[tuple[float, float]] = []
-    while len(centers) < n:  # rejection sampling: circles at least 0.4 r apart (edge to edge)
-        c = (float(rng.uniform(r + 2, side - r - 2)), float(rng.uniform(r + 2, side - r - 2)))
-        if all((c[0] - p[0]) ** 2 + (c[1] - p[1]) ** 2 > (2.4 * r) ** 2 for p in centers):
-            centers.append(c)
+    while len(centers) < n:  # rejection sampling, restarted when a layout leaves no room for the rest
+        centers = []
+        for _ in range(COUNT_PLACEMENT_TRIES):
+            c = (float(rng.uniform(r + 2, side - r - 2)), float(rng.uniform(r + 2, side - r - 2)))
+            if all((c[0] - p[0]) ** 2 + (c[1] - p[1]) ** 2 > (2.4 * r) ** 2 for p in centers):
+                centers.append(c)
+                if len(centers) == n:
+                    break
+    img = Image.new("RGB", (side, side), bg)
+    draw = ImageDraw.Draw(img)
     for cx, cy in centers:
-        draw_shape(draw, "circle", cx, cy, r, COLORS[color])
-    return str(n), np.asarray(img), {"side": side, "centers": centers, "radius": r, "color": color}
+        draw_shape(draw, "circle", cx, cy, r, ink)
+    return str(n), np.asarray(img), {"side": side, "centers": centers, "radius": r, "ink": ink}
 
 
 def _gen_read(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, Any]]:
@@ -259,15 +272,14 @@ def _gen_detail(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, An
     return pattern, arr, {"box": (x0, y0, box), "border": border, "levels": (low, high)}
 
 
-def video_frames(colors_per_frame: list[str | None], side: int, bg: tuple[int, int, int],
+def video_frames(colors_per_frame: list[str], side: int, bg: tuple[int, int, int],
                  boxes: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """RGB frames ``[side, side, 3]``: frame t shows a filled square `boxes[t]` = (x, y, size) in
-    `colors_per_frame[t]`, or only the background when that entry is None."""
+    `colors_per_frame[t]`."""
     frames = []
     for name, (x, y, s) in zip(colors_per_frame, boxes, strict=True):
         img = Image.new("RGB", (side, side), bg)
-        if name is not None:
-            ImageDraw.Draw(img).rectangle([x, y, x + s - 1, y + s - 1], fill=COLORS[name])
+        ImageDraw.Draw(img).rectangle([x, y, x + s - 1, y + s - 1], fill=COLORS[name])
         frames.append(np.asarray(img))
     return frames
 
@@ -292,25 +304,20 @@ def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
 
 
 def _gen_video(rng: np.random.Generator, which: str) -> tuple[str, bytes, dict[str, Any]]:
-    n_colors = int(rng.integers(2, 4))
+    """A square of one size that jumps to a new place every frame, shown in 2–3 colours one run after
+    another (every frame shows it: first = frame 1's colour, last = the final frame's)."""
+    n_colors = int(rng.integers(VIDEO_MIN_COLORS, VIDEO_MAX_COLORS + 1))
     names = [str(c) for c in rng.choice(list(COLORS), size=n_colors, replace=False)]
-    lead = trail = 0  # every frame shows a colour: first = frame 1's, last = the final run's
-    shown = VIDEO_FRAMES - lead - trail
-    # split `shown` frames into n_colors runs of ≥ 1 frame each
-    cuts = sorted(int(c) for c in rng.choice(np.arange(1, shown), size=n_colors - 1, replace=False))
-    runs = np.diff([0, *cuts, shown]).tolist()
-    per_frame: list[str | None] = [None] * lead
-    for name, k in zip(names, runs, strict=True):
-        per_frame += [name] * int(k)
-    per_frame += [None] * trail
+    # split the frames into n_colors runs of ≥ 1 frame each
+    cuts = sorted(int(c) for c in rng.choice(np.arange(1, VIDEO_FRAMES), size=n_colors - 1, replace=False))
+    runs = np.diff([0, *cuts, VIDEO_FRAMES]).tolist()
+    per_frame = [name for name, k in zip(names, runs, strict=True) for _ in range(int(k))]
     side = VIDEO_SIDE
     bg = _background(rng)
-    boxes = []
-    for k in runs:
-        s = int(rng.integers(side // 2, side * 3 // 4)) // 2 * 2
-        x, y = (int(rng.integers(0, side - s)) for _ in range(2))
-        boxes += [(x, y, s)] * int(k)
-    boxes = [(0, 0, 2)] * lead + boxes + [(0, 0, 2)] * trail
+    size = int(rng.integers(side // 2, side * 3 // 4)) // 2 * 2
+    # a new place every frame: every frame changes, so EVS keeps tokens of the square in every frame
+    boxes = [(int(rng.integers(0, side - size)), int(rng.integers(0, side - size)), size)
+             for _ in range(VIDEO_FRAMES)]
     data = encode_mp4(video_frames(per_frame, side, bg, boxes), VIDEO_FPS)
     answer = names[0] if which == "video_first" else names[-1]
     return answer, data, {"frames": per_frame, "boxes": boxes, "side": side, "fps": VIDEO_FPS}
