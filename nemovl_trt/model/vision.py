@@ -31,9 +31,14 @@ class VisionEncoder(nn.Module):
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (side, side):
             raise ValueError(f"expected pixels [N,3,{side},{side}], got {list(pixels.shape)}.")
         feats = self.vision_model(pixels, pos)  # [N,h·w,C]
-        n, _, c = feats.shape
-        g = self.cfg.patches_per_side
-        grid = feats.reshape(n, g, g, c)  # [N,h,w,C] row-major
-        shuffled = pixel_shuffle(grid, self.cfg.downsample_ratio, self.cfg.ps_version)  # [N,h·r,w·r,C']
-        tokens = shuffled.reshape(n, -1, shuffled.shape[-1])  # [N,tokens_per_tile,C']
-        return self.mlp1(tokens)  # [N,tokens_per_tile,D]
+        return self.mlp1(shuffle_tokens(feats, self.cfg))  # [N,tokens_per_tile,D]
+
+
+def shuffle_tokens(feats: torch.Tensor, cfg: VLMConfig) -> torch.Tensor:
+    """RADIO's patch tokens of whole tiles → pixel-shuffled tokens, the projector's input:
+    [N, h·w, C] (row-major, h = w = patches_per_side) → [N, tokens_per_tile, C']."""
+    n, _, c = feats.shape
+    g = cfg.patches_per_side
+    grid = feats.reshape(n, g, g, c)  # [N,h,w,C] row-major
+    shuffled = pixel_shuffle(grid, cfg.downsample_ratio, cfg.ps_version)  # [N,h·r,w·r,C']
+    return shuffled.reshape(n, -1, shuffled.shape[-1])  # [N,tokens_per_tile,C']

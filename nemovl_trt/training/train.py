@@ -53,8 +53,8 @@ from nemovl_trt.checkpoint.synth import save_tensors, write_checkpoint
 from nemovl_trt.checkpoint.tokenizer import TURN_END
 from nemovl_trt.model.mamba2 import MambaState
 from nemovl_trt.model.nemotron_h import Attention, KVCache, SequenceState
-from nemovl_trt.model.projector import pixel_shuffle
 from nemovl_trt.model.radio import RadioVisionModel, ViTAttention
+from nemovl_trt.model.vision import shuffle_tokens
 from nemovl_trt.model.vlm import NemotronVLM
 from nemovl_trt.preprocess.image import image_to_tiles
 from nemovl_trt.preprocess.video import preprocess_video
@@ -218,10 +218,7 @@ class FrozenVision:
         """[N,3,S,S] normalised pixels → [N, tokens_per_tile, shuffled_dim]."""
         with fused_attention(self.vit):
             feats = self.vit(pixels)  # [N,h·w,C]
-        n, _, ch = feats.shape
-        g = self.vcfg.patches_per_side
-        shuffled = pixel_shuffle(feats.reshape(n, g, g, ch), self.vcfg.downsample_ratio, self.vcfg.ps_version)
-        return shuffled.reshape(n, -1, shuffled.shape[-1])
+        return shuffle_tokens(feats, self.vcfg)
 
     def prepare(self, step: int, seed: int, media: tuple[str, ...]) -> list[PreparedMedia]:
         """The round of `step`: every image through `image_to_tiles`, every video through
