@@ -9,12 +9,15 @@ CACHE   := .cache
 
 setup: $(STAMP)
 
-# torch is installed first, pinned to the CPU wheel (fast here); GPU users: see README "Install on a GPU machine".
+# torch is installed first, pinned to the CPU wheel (fast here; pyproject.toml only asks for a range, so
+# the project install keeps it). Extras: cpu = tritonserver from nvidia-pytriton (+ numpy<2 for its
+# stub), client = openai (eval / demo), decord = fallback video decoder, dev = tests and lint.
+# GPU users: see README "Install on a GPU machine" (no torch pin there; the container's torch is kept).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[cpu,client,decord,dev]'
 	touch $(STAMP)
 
 demo: setup

@@ -2,7 +2,7 @@
 pruning rates q = 0, 0.5, 0.7, 0.9, measured against Triton's `nemovl` entry model over gRPC.
 
 EVS prunes the projected video tokens before the LLM prefill, so the vision-encoder cost stays the
-same and the prefill shrinks: TTFT falls with the prompt length. The retained count per the spec is
+same and the prefill shrinks: TTFT falls with the prompt length. The retained count (docs/model.md §3.4) is
 R = max(tokens_per_frame, int(T · tokens_per_frame · (1 − q))).
 
 Run alone: `python -m benchmarks.evs_bench --triton HOST:PORT`.

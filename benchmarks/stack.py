@@ -1,4 +1,4 @@
-"""Bring up the cpu-target serving stack for the benchmarks, the way a user does (ARCHITECTURE.md):
+"""Bring up the cpu-target serving stack for the benchmarks, the way a user does (README.md, "The flow"):
 
     checkpoint (data/tiny-trained, else a random `nemovl-build make-checkpoint --preset tiny`)
     → `nemovl-build engines --target cpu` → `nemovl-build repo` → tritonserver (TritonServer)

@@ -171,7 +171,10 @@ def describe(sample: Sample) -> str:
 
 def run_questions(base_url: str, log: Callable[[str], None] = _say) -> list[Answer]:
     """Ask the demo questions; prints one block per question."""
-    import openai
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit("the demo needs openai: pip install 'nemovl-trt[client]'") from None
 
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=120.0, max_retries=0)
     model = client.models.list().data[0].id

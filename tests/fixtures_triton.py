@@ -261,7 +261,7 @@ class Reference:
         """Token ids the reference engine generates for this request (called directly, no Triton)."""
         from nemovl_trt.model.engine import generate
         from nemovl_trt.model.sampling import SamplingParams
-        from nemovl_trt.triton.models.llm_engine import sampling_params_from
+        from nemovl_trt.runtime.reference_batcher import sampling_params_from
 
         ids, mm, info = self.inputs(messages, params, images, video)
         sp = sampling_params_from(SamplingParams, info["sampling"])

@@ -207,6 +207,31 @@ def test_bf16_gpu_target_converts_the_llm_weights(tiny_ckpt_dir, tmp_path, h100_
     assert json.loads((out / "llm" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     opts = yaml.safe_load((out / "llm" / "llm_api_options.yaml").read_text())
     assert opts["kv_cache_config"]["dtype"] == "auto" and opts["max_batch_size"] == 64
+    _assert_bundle_loadable(out / "llm", tiny_ckpt_dir, opts)
+
+
+def _assert_bundle_loadable(bundle: Path, ckpt: Path, opts: dict) -> None:
+    """What LLM(model=bundle, trust_remote_code=True) needs (docs/trtllm.md §5), checked with the real
+    transformers AutoConfig, the loader TensorRT-LLM itself calls."""
+    from transformers import AutoConfig
+
+    from nemovl_trt.build.bundle_contents import check_bundle
+
+    names = {p.name for p in bundle.iterdir()}
+    assert {"config.json", "configuration_nemovl_vl.py", "preprocessor_config.json", "generation_config.json",
+            "tokenizer.json", "tokenizer_config.json", "model.safetensors", "llm_api_options.yaml"} <= names
+    conf = json.loads((bundle / "config.json").read_text())
+    assert conf["auto_map"] == {"AutoConfig": "configuration_nemovl_vl.NemovlNanoVLConfig"}
+    assert "auto_map" not in json.loads((ckpt / "config.json").read_text())  # the checkpoint is untouched
+    assert opts["trust_remote_code"] is True
+    check_bundle(bundle, opts)
+    hf = AutoConfig.from_pretrained(str(bundle), trust_remote_code=True)
+    assert hf.architectures == ["NemotronH_Nano_VL_V2"] and hf.img_context_token_id == 1500
+    assert type(hf.llm_config).__name__ == "NemotronHConfig"
+    assert (hf.llm_config.hidden_size, hf.llm_config.hybrid_override_pattern) == (128, "M-M*-M*-")
+    assert hf.vision_config.args["model"] == conf["vision_config"]["args"]["model"]
+    with pytest.raises(ValueError):  # without trust_remote_code transformers refuses, as upstream would
+        AutoConfig.from_pretrained(str(bundle), trust_remote_code=False)
 
 
 def test_onnx_error_over_the_target_tolerance_fails_the_build(cpu_engines_dir, tiny_ckpt_dir, tmp_path):

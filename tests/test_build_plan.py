@@ -1,4 +1,4 @@
-"""Memory plan of the real 12B config against hand arithmetic (spec/model.md §1, §4, §6)."""
+"""Memory plan of the real 12B config against hand arithmetic (docs/model.md §1, §4, §6)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from nemovl_trt.checkpoint.presets import preset_config
 
 GIB = 2**30
 
-# --- 12B sizes worked out by hand from spec §6 (h 5120, vocab 131200, 28 M / 6 * / 28 - layers) ---
+# --- 12B sizes worked out by hand from docs/model.md §6 (h 5120, vocab 131200, 28 M / 6 * / 28 - layers) ---
 M_LAYER_STATE = (12288 * 3 + 128 * 80 * 128) * 4  # conv_dim·(k−1) + heads·head_dim·state, fp32
 MAMBA_STATE = 28 * M_LAYER_STATE
 KV_BF16 = 6 * 2 * 8 * 128 * 2

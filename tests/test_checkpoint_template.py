@@ -1,4 +1,4 @@
-"""The chat template renders spec §5's Nemotron format exactly (expected strings written by hand)."""
+"""The chat template renders the Nemotron format of docs/model.md §5.3 exactly (expected strings written by hand)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_multi_turn_assistant_keeps_text_after_think():
 
 
 @pytest.mark.parametrize(("system", "users", "expected_gen"), [
-    (None, ["plain"], GEN_ON),  # default: reasoning on (spec §5)
+    (None, ["plain"], GEN_ON),  # default: reasoning on (docs/model.md §5.3)
     ("/no_think", ["plain"], GEN_OFF),
     ("/no_think", ["question /think"], GEN_ON),  # user after system wins
     ("/think", ["question /no_think"], GEN_OFF),

@@ -1,4 +1,4 @@
-"""Tensor names/shapes of spec §4/§6 and the random initialisation of the tiny checkpoints."""
+"""Tensor names/shapes of docs/model.md §4.11/§6.5 and the random initialisation of the tiny checkpoints."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def tiny_cfg(tiny_checkpoint):
 
 def test_12b_shapes_match_spec(cfg12):
     e = expected_tensors(cfg12)
-    # spec §4 (vision), numbers as written in the spec
+    # docs/model.md §4 (vision), numbers as written there
     assert e[V + "model.patch_generator.embedder.weight"] == (1280, 768)
     assert e[V + "model.patch_generator.pos_embed"] == (1, 16384, 1280)
     assert e[V + "model.patch_generator.cls_token.token"] == (8, 1280)
@@ -38,7 +38,7 @@ def test_12b_shapes_match_spec(cfg12):
     assert e[V + "input_conditioner.norm_mean"] == (3, 1, 1)
     assert V + "model.blocks.32.norm1.weight" not in e
     assert (e["mlp1.0.weight"], e["mlp1.1.weight"], e["mlp1.3.weight"]) == ((5120,), (20480, 5120), (5120, 20480))
-    # spec §6 (LLM); layer 0 is M, 1 is -, 7 is *
+    # docs/model.md §6 (LLM); layer 0 is M, 1 is -, 7 is *
     assert e[B + "layers.0.mixer.in_proj.weight"] == (22656, 5120)
     assert e[B + "layers.0.mixer.conv1d.weight"] == (12288, 1, 4)
     assert e[B + "layers.0.mixer.conv1d.bias"] == (12288,)

@@ -43,7 +43,7 @@ def pixels() -> torch.Tensor:
 
 
 def closed_form_shuffle(x: torch.Tensor) -> torch.Tensor:
-    """out[b,r,c,k] = x[b, 2r + k//(2C), 2c + (k//C)%2, k%C] (spec §4.8, r = 0.5, v2)."""
+    """out[b,r,c,k] = x[b, 2r + k//(2C), 2c + (k//C)%2, k%C] (docs/model.md §4.8, r = 0.5, v2)."""
     b, h, w, c = x.shape
     out = torch.empty(b, h // 2, w // 2, 4 * c, dtype=x.dtype)
     for k in range(4 * c):

@@ -1,4 +1,4 @@
-"""EVS on constructed embeddings (spec §3.4)."""
+"""EVS on constructed embeddings (docs/model.md §3.4)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ VID = {"type": "video", "index": 0}
 def test_text_prompt(tok, cfg):
     r = build_prompt([{"role": "user", "content": "How many red squares?"}], tok, cfg)
     assert r.text == ("<SPECIAL_10>System\n\n<SPECIAL_11>User\nHow many red squares?\n"
-                      "<SPECIAL_11>Assistant\n<think></think>")  # reasoning off by default (api.md)
+                      "<SPECIAL_11>Assistant\n<think></think>")  # reasoning off by default (docs/api.md)
     assert r.reasoning is False and r.warnings == []
     assert r.input_ids == tok.encode(r.text)
     assert r.num_prompt_tokens == len(r.input_ids)

@@ -1,5 +1,5 @@
 """The OpenAI frontend against a real tritonserver on loopback, with the official `openai` SDK (sync,
-async, streaming), LangChain's ChatOpenAI, raw httpx for SSE framing, and the api.md rows."""
+async, streaming), LangChain's ChatOpenAI, raw httpx for SSE framing, and the docs/api.md rows."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nemovl_trt.build import bundle_contents as bc
 from nemovl_trt.build import manifest as mf
 from nemovl_trt.build import onnx_export as ox
 from nemovl_trt.build import trtllm_bundle as tb
@@ -336,19 +337,24 @@ class _Steps:
         prec, llm_dir = self.target.llm_precision, self.out / LLM_DIR
         if not self.gpu:  # the reference engine casts on load
             return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+        files, info = self._gpu_weights(all_files, llm_dir, prec)
+        # what LLM(model=llm_dir, trust_remote_code=True) needs beyond the weights (docs/trtllm.md §5)
+        extra = bc.complete_bundle(self.ckpt, llm_dir)
+        bc.check_bundle(llm_dir)
+        return sorted(set(files) | set(extra)), {**info, "precision": prec}
+
+    def _gpu_weights(self, all_files: list[Path], llm_dir: Path, prec: str) -> tuple[list[Path], dict[str, Any]]:
+        """The weights of a GPU bundle in the target precision: linked, converted, validated or quantized."""
         if prec in ("bf16", "fp32"):
             if tb.float_dtypes(self.ckpt) == {tb.SAFETENSORS_DTYPE[prec]}:
-                return tb.link_files(all_files, llm_dir), {"source": "checkpoint", "precision": prec}
+                return tb.link_files(all_files, llm_dir), {"source": "checkpoint"}
             dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[prec]
-            files = tb.convert_checkpoint_dtype(self.ckpt, llm_dir, dtype_name)
-            return files, {"source": f"converted to {dtype_name}", "precision": prec}
+            return tb.convert_checkpoint_dtype(self.ckpt, llm_dir, dtype_name), {"source": f"converted to {dtype_name}"}
         if tb.quantization_info(self.ckpt) is not None:
             info = tb.validate_quantized_checkpoint(self.ckpt, self.cfg, prec)
-            return tb.link_files(all_files, llm_dir), {**info, "precision": prec}
+            return tb.link_files(all_files, llm_dir), info
         info = tb.quantize_with_modelopt(self.target, self.ckpt, llm_dir, prec)
-        files = [p for p in tb.checkpoint_files(llm_dir) if p.name != tb.LLM_API_OPTIONS_FILE]
-        return files, {**info, "precision": prec}
-
+        return [p for p in tb.checkpoint_files(llm_dir) if p.name != tb.LLM_API_OPTIONS_FILE], info
 
 def _manifest(cfg: VLMConfig, target: TargetConfig, plan: MemoryPlan, model_id: str, check: dict[str, Any],
               llm_info: dict[str, Any], profile: TrtProfile, inputs: dict[str, str], outputs: dict[str, str],

@@ -36,7 +36,7 @@ class LLMParams:
 
 
 def llm_params(llm: LLMConfig) -> LLMParams:
-    """Count every LLM parameter from the config (spec §6 tensor list).
+    """Count every LLM parameter from the config (docs/model.md §6.5 tensor list).
 
     Mamba layer: in_proj h×(2·d_inner + 2·g·N + H), conv1d conv_dim×k (+conv_dim bias), dt_bias/A_log/D H each,
     gated norm d_inner, out_proj d_inner×h. Attention: q h×(heads·hd), k,v h×(kv·hd), o (heads·hd)×h.

@@ -37,6 +37,11 @@ QUANTIZED_LINEARS = {"mamba": ("in_proj", "out_proj"), "attention": ("q_proj", "
                      "mlp": ("up_proj", "down_proj")}
 LLM_LAYER_PREFIX = "language_model.backbone.layers."
 NVFP4_BLOCK = 16
+# Modules that stay 16-bit in a quantized bundle (vision tower, projector) and the text prompts used to
+# calibrate the language model.
+UNQUANTIZED_MODULES = ("vision_model*", "mlp1*")
+CALIBRATION_PROMPTS = ("Describe the invoice total and the due date.", "Summarize the chart in one sentence.",
+                       "What happens in this video?", "List the steps in the manual.")
 
 
 class BundleError(ValueError):
@@ -150,6 +155,9 @@ def llm_api_options(target: TargetConfig, plan: MemoryPlan) -> dict[str, Any]:
     t = target.trtllm
     return {
         "backend": "pytorch",
+        # the model type is not built into transformers: its config class comes from the bundle's remote
+        # code (auto_map), and TensorRT-LLM's Nano VL input processor refuses to run without this
+        "trust_remote_code": True,
         "max_batch_size": plan.engine_max_batch_size,
         "max_num_tokens": plan.max_num_tokens,
         "max_seq_len": plan.max_seq_len,
@@ -279,26 +287,48 @@ def quantize_with_modelopt(target: TargetConfig, ckpt_dir: Path, out_dir: Path, 
     with the model's remote code (the Hugging Face BF16 checkpoint) and a CUDA build of torch; raises
     `GpuUnavailable` otherwise. The vision tower and projector stay in 16-bit. Not exercised in CI; the
     official -FP8 / -NVFP4-QAD checkpoints can be passed instead and are validated by
-    `validate_quantized_checkpoint`."""
+    `validate_quantized_checkpoint`. The bundle's other files are added by `bundle_contents.complete_bundle`."""
     mtq = require_gpu(target, "modelopt.torch.quantization", "ModelOpt")
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModel.from_pretrained(str(ckpt_dir), trust_remote_code=True, torch_dtype=torch.bfloat16).cuda()
+    # as ModelOpt's own hf_ptq example loads remote-code VLMs: AutoModelForCausalLM + trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir), trust_remote_code=True, dtype=torch.bfloat16).cuda()
     tok = AutoTokenizer.from_pretrained(str(ckpt_dir), trust_remote_code=True)
-    quant_cfg = {"fp8": mtq.FP8_DEFAULT_CFG, "nvfp4": mtq.NVFP4_DEFAULT_CFG}[precision]
-    calib = ["Describe the invoice total and the due date.", "Summarize the chart in one sentence.",
-             "What happens in this video?", "List the steps in the manual."]
-
-    def forward_loop(lm: Any) -> None:  # ModelOpt passes the module being calibrated (the language model)
-        for text in calib:
-            ids = tok(text, return_tensors="pt").input_ids.cuda()
-            lm(input_ids=ids)
-
-    mtq.quantize(model.language_model, quant_cfg, forward_loop)
-    export_hf_checkpoint(model, export_dir=str(out_dir))
-    for f in tokenizer_files(ckpt_dir):
-        shutil.copy2(f, out_dir / f.name)
+    quantize_and_export(mtq, export_hf_checkpoint, model, tok, out_dir, precision, device="cuda")
     return {"source": "modelopt", "quant_algo": QUANT_ALGO[precision]}
 
+
+def quantize_and_export(mtq: Any, export_hf_checkpoint: Any, model: Any, tokenizer: Any, out_dir: Path,
+                        precision: str, device: str) -> None:
+    """ModelOpt PTQ of `model.language_model` only (text calibration prompts), HF export of the whole model
+    to `out_dir`, then the vision tower and projector listed as excluded (ModelOpt lists only modules it
+    put quantizers in, and TensorRT-LLM applies quant_algo to every Linear not excluded)."""
+    quant_cfg = {"fp8": mtq.FP8_DEFAULT_CFG, "nvfp4": mtq.NVFP4_DEFAULT_CFG}[precision]
+
+    def forward_loop(lm: Any) -> None:  # ModelOpt passes the module being calibrated (the language model)
+        for text in CALIBRATION_PROMPTS:
+            ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+            lm(input_ids=ids)
+
+    mtq.quantize(model.language_model, quant_cfg, forward_loop=forward_loop)
+    export_hf_checkpoint(model, export_dir=str(out_dir))
+    exclude_from_quantization(out_dir, UNQUANTIZED_MODULES)
+
+
+def exclude_from_quantization(ckpt_dir: Path, patterns: tuple[str, ...]) -> None:
+    """Add `patterns` to the exclude list of every quantization description in `ckpt_dir` (config.json
+    `quantization_config`, hf_quant_config.json `quantization`)."""
+    for name, key in (("config.json", "quantization_config"), (HF_QUANT_CONFIG_FILE, "quantization")):
+        path = ckpt_dir / name
+        if not path.is_file():
+            continue
+        data = read_json(path)
+        section = data.get(key)
+        if not isinstance(section, dict):
+            continue
+        have = list(section.get("exclude_modules") or [])
+        section["exclude_modules"] = have + [p for p in patterns if p not in have]
+        path.unlink()  # never write through a hard link
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

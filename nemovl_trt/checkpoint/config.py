@@ -18,7 +18,7 @@ WEIGHTS_FILE = "model.safetensors"  # single-file weights
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {tensor: shard file}}
 LAYER_TYPES = {"M": "mamba", "*": "attention", "-": "mlp"}
 
-# ViT sizes by timm model name, as the public RADIO loaders look them up (spec §1.3). A checkpoint
+# ViT sizes by timm model name, as the public RADIO loaders look them up (docs/model.md §1.3). A checkpoint
 # may also carry explicit `hidden_size`/`num_hidden_layers`/`num_attention_heads`/`intermediate_size`
 # keys in `vision_config` (the tiny checkpoints do); explicit keys win.
 VIT_DIMS_BY_NAME: dict[str, dict[str, int]] = {
@@ -115,7 +115,7 @@ class VisionConfig:
     num_cls_tokens: int
     num_registers: int
     qkv_bias: bool
-    pos_embed_align_corners: bool  # CPE resample alignment (spec §4.3); our reference uses False
+    pos_embed_align_corners: bool  # CPE resample alignment (docs/model.md §4.3); our reference uses False
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -271,7 +271,7 @@ def parse_vision_config(d: dict[str, Any], where: str = "config.json vision_conf
 def parse_vlm_config(d: dict[str, Any], preprocessor: dict[str, Any] | None = None,
                      where: str = "config.json") -> VLMConfig:
     """Parse the top-level config (and `preprocessor_config.json` when present; its
-    image_mean/image_std win over config.json's norm_mean/norm_std, as spec §0 says)."""
+    image_mean/image_std win over config.json's norm_mean/norm_std, as docs/model.md §0 says)."""
     archs = d.get("architectures") or []
     if ARCHITECTURE not in archs and d.get("model_type") != ARCHITECTURE:
         raise CheckpointError(f"{where} declares architecture {archs or d.get('model_type')!r}; "

@@ -1,6 +1,6 @@
 """Load a `NemotronH_Nano_VL_V2` checkpoint directory: config, tokenizer, generation config and the
 safetensors weights (single `model.safetensors` or shards listed by `model.safetensors.index.json`),
-validated against the tensor list of spec §4/§6. Every problem is a `CheckpointError` with one sentence
+validated against the tensor list of docs/model.md §4.11/§6.5. Every problem is a `CheckpointError` with one sentence
 naming the file or tensor.
 """
 
@@ -212,7 +212,7 @@ def check_tokenizer(cfg: VLMConfig, tok: TokenizerBundle, ckpt: Path) -> None:
                             (cfg.video_context_token, cfg.video_context_token_id, "video_context_token_id")):
         actual = tok.tokenizer.token_to_id(token)
         if tid is None or (actual is None and key == "video_context_token_id"):
-            continue  # <video> may be a multi-token string (spec §5)
+            continue  # <video> may be a multi-token string (docs/model.md §5.1)
         if actual != tid:
             raise CheckpointError(f"{cfg_path} {key} is {tid} but the tokenizer maps '{token}' to {actual}.")
     for token in (cfg.img_start_token, cfg.img_end_token):

@@ -1,6 +1,6 @@
 """Config presets for `nemovl-build make-checkpoint --preset NAME`.
 
-`12b-config` is the real Nemotron Nano 12B v2 VL config (spec/model.md §1) for planning without
+`12b-config` is the real Nemotron Nano 12B v2 VL config (docs/model.md §1) for planning without
 weights. `tiny` keeps every *format* fact of the real model (tensor names, config keys, 512-pixel
 tiles, patch 16, downsample 0.5 → 256 tokens per tile, M/*/- layers, cls + register prefix tokens,
 a CPE grid larger than one tile) with small widths and other token ids, so nothing can be hard-coded.
@@ -44,12 +44,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "projector_hidden_size": 20480,
         "vit_hidden_size": 1280,
         "img_context_token_id": 131072,
-        "video_context_token_id": 131075,  # [U] spec §1.1: value not published; a config field
+        "video_context_token_id": 131075,  # [U] docs/model.md §1.1: value not published; a config field
         "max_sequence_length": 131072,
         "llm_config": {
             "architectures": ["NemotronHForCausalLM"],
             "model_type": "nemotron_h",
-            "vocab_size": 131200,  # [U] spec §1.2: > 131074; read from the real config when present
+            "vocab_size": 131200,  # [U] docs/model.md §1.2: > 131074; read from the real config when present
             "hidden_size": 5120,
             "num_hidden_layers": 62,
             "hybrid_override_pattern": _12B_PATTERN,
@@ -187,7 +187,7 @@ def preset_config(name: str) -> dict[str, Any]:
 
 
 # generation_config.json of the config-only presets (the tiny writer derives its ids from its tokenizer).
-# 12B: stop on <SPECIAL_12> (id 12, the training --eos-id) and </s> (id 2); spec §5.
+# 12B: stop on <SPECIAL_12> (id 12, the training --eos-id) and </s> (id 2); docs/model.md §5.4.
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
     "12b-config": {"bos_token_id": 1, "eos_token_id": [12, 2], "pad_token_id": 0},
 }

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported only when weights are written (12b-config
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CONFIG_ONLY_PRESETS = {"12b-config"}  # no weights and no tokenizer: sizes for `nemovl-build plan`
-DEFAULT_MAX_NUM_TILES = 12  # spec §2: the model's default tile budget (preprocessor_config.json max_num_tiles)
+DEFAULT_MAX_NUM_TILES = 12  # docs/model.md §2.9: the model's default tile budget (preprocessor_config.json max_num_tiles)
 _OWN_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
               SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE, SINGLE_FILE, INDEX_FILE)
 
@@ -57,7 +57,7 @@ def _dump(path: Path, data: dict[str, Any]) -> None:
 
 
 def preprocessor_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """preprocessor_config.json: normalization and tiling keys (spec §0/§2), from a config.json dict."""
+    """preprocessor_config.json: normalization and tiling keys (docs/model.md §0, §2.9), from a config.json dict."""
     return {
         "image_processor_type": "NemotronNanoVLV2ImageProcessor",
         "processor_class": "NemotronNanoVLV2Processor",

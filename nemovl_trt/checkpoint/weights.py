@@ -1,4 +1,4 @@
-"""The tensors of a `NemotronH_Nano_VL_V2` checkpoint (spec/model.md §4 and §6): names, shapes, dtype kinds,
+"""The tensors of a `NemotronH_Nano_VL_V2` checkpoint (docs/model.md §4.11 and §6.5): names, shapes, dtype kinds,
 and a deterministic random initialisation for the tiny checkpoints.
 
 Every shape is computed from the `VLMConfig`; nothing here knows the 12B's sizes.
@@ -48,7 +48,7 @@ def num_summary_idxs(cfg: VLMConfig) -> int:
 
 
 def vision_tensors(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
-    """RADIO ViT tensors (spec §4): patch generator, blocks, input-conditioner buffers."""
+    """RADIO ViT tensors (docs/model.md §4.11): patch generator, blocks, input-conditioner buffers."""
     v = cfg.vision
     d, p = v.hidden_size, v.patch_size
     out: dict[str, tuple[int, ...]] = {
@@ -87,7 +87,7 @@ def projector_tensors(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def llm_tensors(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
-    """Nemotron-H tensors (spec §6), one mixer per layer by `hybrid_override_pattern`."""
+    """Nemotron-H tensors (docs/model.md §6.5), one mixer per layer by `hybrid_override_pattern`."""
     c = cfg.llm
     h = c.hidden_size
     out: dict[str, tuple[int, ...]] = {EMBEDDINGS: (c.vocab_size, h)}

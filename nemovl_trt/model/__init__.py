@@ -1,4 +1,4 @@
-"""PyTorch reference of Nemotron Nano 12B v2 VL (spec/model.md §4, §6).
+"""PyTorch reference of Nemotron Nano 12B v2 VL (docs/model.md §4, §6).
 
 radio.py (RADIO ViT) · projector.py (pixel shuffle, mlp1) · vision.py (VisionEncoder) ·
 mamba2.py (Mamba2 mixer, SSD scan) · nemotron_h.py (NemotronHLM) · vlm.py (NemotronVLM) ·

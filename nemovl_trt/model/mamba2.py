@@ -1,4 +1,4 @@
-"""Mamba2 mixer of Nemotron-H (spec/model.md §6): chunked SSD scan for prefill, one-step recurrence
+"""Mamba2 mixer of Nemotron-H (docs/model.md §6.2): chunked SSD scan for prefill, one-step recurrence
 for decode, per-sequence conv state + SSM state kept in fp32.
 
 Notation used in the shape comments:
@@ -24,7 +24,7 @@ from nemovl_trt.checkpoint.config import LLMConfig
 
 @dataclass
 class MambaState:
-    """Per-sequence cache of one Mamba2 layer (both fp32, spec §6).
+    """Per-sequence cache of one Mamba2 layer (both fp32, docs/model.md §6.2).
 
     conv: [Cd, K-1]   the last K-1 xBC inputs (before the conv)
     ssm:  [nh, hd, N] the SSM state
@@ -132,7 +132,7 @@ def chunked_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
 
 
 class GatedRMSNorm(nn.Module):
-    """Grouped RMSNorm of y·silu(z) (gate first, then norm), fp32 compute (spec §6)."""
+    """Grouped RMSNorm of y·silu(z) (gate first, then norm), fp32 compute (docs/model.md §6.2)."""
 
     def __init__(self, hidden: int, group_size: int, eps: float):
         super().__init__()

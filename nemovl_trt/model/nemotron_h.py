@@ -1,4 +1,4 @@
-"""Nemotron-H hybrid Mamba2 / attention / MLP language model (spec/model.md §6), PyTorch reference.
+"""Nemotron-H hybrid Mamba2 / attention / MLP language model (docs/model.md §6), PyTorch reference.
 
 Layer ℓ (type from `hybrid_override_pattern`): h = h + Mixer_ℓ(RMSNorm_ℓ(h)); then norm_f, lm_head.
   M → Mamba2Mixer (mamba2.py), * → Attention (GQA, KV cache, NO positional encoding), - → relu² MLP.

@@ -1,4 +1,4 @@
-"""Pixel shuffle (spec/model.md §4.8) and the `mlp1` projector (§4.9).
+"""Pixel shuffle (docs/model.md §4.8) and the `mlp1` projector (§4.9).
 
 Shape notation: N tiles, h×w ViT patch grid, C ViT hidden, r downsample ratio (0.5),
 C' = C / r² shuffled width, D LLM hidden, F projector hidden.
@@ -43,7 +43,7 @@ class SquaredReLU(nn.Module):
 class Projector(nn.Sequential):
     """`mlp1`: 0 RMSNorm(C') → 1 Linear(C'→F, no bias) → 2 relu² → 3 Linear(F→D, no bias).
 
-    The RMSNorm epsilon is the LLM's `layer_norm_epsilon` (1e-5 for the 12B, as spec §4.9 states;
+    The RMSNorm epsilon is the LLM's `layer_norm_epsilon` (1e-5 for the 12B, as docs/model.md §4.9 states;
     the checkpoint has no separate projector epsilon key).
     """
 

@@ -1,4 +1,4 @@
-"""RADIO ViT (C-RADIOv2 family) as used by Nemotron Nano VL, spec/model.md §4 steps 1–6.
+"""RADIO ViT (C-RADIOv2 family) as used by Nemotron Nano VL, docs/model.md §4.1–4.6.
 
 State-dict names (under the checkpoint prefix `vision_model.`):
   radio_model.model.patch_generator.embedder.weight   [hid, 3·p·p]   Linear, no bias
@@ -107,7 +107,7 @@ class ViTMLP(nn.Module):
     """fc1 → GELU → fc2.
 
     GELU is the exact (erf) form, as HF/timm and vLLM use. Megatron's training config names
-    `fast_gelu` (tanh approximation); which one the 12B was trained with is unverified (spec §1.3) —
+    `fast_gelu` (tanh approximation); which one the 12B was trained with is unverified (docs/model.md §1.3) —
     the difference is ≲1e-3 per activation.
     """
 

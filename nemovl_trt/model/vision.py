@@ -1,5 +1,5 @@
 """The whole vision path of one batch of tiles: RADIO → drop prefix → pixel shuffle → mlp1
-(spec/model.md §4). [N,3,S,S] normalised pixels → [N, tokens_per_tile, llm_hidden]."""
+(docs/model.md §4). [N,3,S,S] normalised pixels → [N, tokens_per_tile, llm_hidden]."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EVS — Efficient Video Sampling: prune video tokens that barely change between frames (spec §3.4).
+"""EVS — Efficient Video Sampling: prune video tokens that barely change between frames (docs/model.md §3.4).
 
 Runs on the projected video embeddings ``[T, P, D]`` (P = ``cfg.tokens_per_tile`` tokens per frame,
 in row-major order of the token grid, D = LLM hidden size), after RADIO → pixel shuffle → mlp1.
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions that need it, so the
 
 from nemovl_trt.preprocess.errors import INVALID_PARAMETER, PreprocessError
 
-FIRST_FRAME_SCORE = 255.0  # spec §3.4: frame 0's tokens always rank first
+FIRST_FRAME_SCORE = 255.0  # docs/model.md §3.4: frame 0's tokens always rank first
 _COS_EPS = 1e-8
 
 

@@ -1,4 +1,4 @@
-"""Image decoding and InternVL-style dynamic tiling (spec model.md §2).
+"""Image decoding and InternVL-style dynamic tiling (docs/model.md §2).
 
 Reference definition (what "exact" means here)
 -----------------------------------------------
@@ -65,9 +65,9 @@ from nemovl_trt.preprocess.errors import (
     PreprocessError,
 )
 
-MIN_IMAGE_SIDE = 32  # api.md: smaller than 32×32 gives 400
+MIN_IMAGE_SIDE = 32  # docs/api.md: smaller than 32×32 gives 400
 DEFAULT_MAX_PIXELS = 50_000_000  # decompression-bomb cap; the server may pass its own
-MAX_NUM_TILES_LIMIT = 12  # api.md / NIM: mm_processor_kwargs.max_num_tiles in 1..12
+MAX_NUM_TILES_LIMIT = 12  # docs/api.md / NIM: mm_processor_kwargs.max_num_tiles in 1..12
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +90,7 @@ def _pool() -> ThreadPoolExecutor:
 
 # --------------------------------------------------------------------------------------------- grid
 def _candidate_grids(max_num_tiles: int, min_num_tiles: int = 1) -> list[tuple[int, int]]:
-    """All (cols, rows) with min ≤ cols·rows ≤ max, sorted by area (stable over set order, spec §2.2)."""
+    """All (cols, rows) with min ≤ cols·rows ≤ max, sorted by area (stable over set order, docs/model.md §2.2)."""
     grids = {
         (i, j)
         for n in range(min_num_tiles, max_num_tiles + 1)
@@ -111,7 +111,7 @@ def _check_max_num_tiles(max_num_tiles: int) -> None:
 
 
 def tile_grid(width: int, height: int, max_num_tiles: int, tile: int = 512) -> tuple[int, int]:
-    """The tile grid (cols, rows) for a `width`×`height` image (spec §2.2–2.3).
+    """The tile grid (cols, rows) for a `width`×`height` image (docs/model.md §2.2–2.3).
 
     Closest aspect ratio ``cols/rows`` to ``width/height``; on an exact tie a later (larger) grid
     wins only if ``width·height > 0.5·tile²·cols·rows``. `tile` is the checkpoint's
@@ -307,7 +307,7 @@ def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], std: Sequence[float],
                    tile: int = 512, use_thumbnail: bool = True, parallel: bool = True) -> np.ndarray:
-    """Tile and normalize one RGB image (spec §2.2–2.8).
+    """Tile and normalize one RGB image (docs/model.md §2.1–2.8).
 
     Args:
         rgb: uint8 ``[H, W, 3]`` (or ``[H, W, 4]`` RGBX, the 4th channel ignored).
@@ -356,7 +356,7 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
 def frames_to_tiles(frames: np.ndarray, mean: Sequence[float], std: Sequence[float],
                     tile: int = 512) -> np.ndarray:
     """Video frames uint8 [T, H, W, 3] → float32 [T, 3, tile, tile]: each frame resized to one tile
-    (bicubic, aspect ratio not kept, no thumbnail; spec §3.2) and normalized like an image."""
+    (bicubic, aspect ratio not kept, no thumbnail; docs/model.md §3.2) and normalized like an image."""
     m, s = _mean_std(mean, std)
     out = np.empty((frames.shape[0], 3, tile, tile), dtype=np.float32)
     for t in range(frames.shape[0]):

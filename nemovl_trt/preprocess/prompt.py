@@ -1,8 +1,8 @@
-"""Chat prompt → token ids with image / video placeholders expanded (spec §3.3, §5; api.md).
+"""Chat prompt → token ids with image / video placeholders expanded (docs/model.md §3.3, §5; docs/api.md).
 
 Steps of `build_prompt`:
 
-1. Reasoning (api.md: off unless asked). The last ``/think`` or ``/no_think`` over the system and
+1. Reasoning (docs/api.md: off unless asked). The last ``/think`` or ``/no_think`` over the system and
    user texts wins. With neither, ``/no_think`` is added to the system message; with a video,
    ``/no_think`` is added after every other flag (video forces reasoning off) and a warning is
    returned if ``/think`` had been requested. The template strips the flags from the text, so only

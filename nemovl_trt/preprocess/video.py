@@ -1,4 +1,4 @@
-"""Video decoding and frame sampling (spec model.md §3.1–3.2).
+"""Video decoding and frame sampling (docs/model.md §3.1–3.2).
 
 Sampling rule (`sample_indices`)
 --------------------------------
@@ -32,7 +32,7 @@ the primary decoder:
    decode — tested); only the wanted frames are converted to RGB; the pass stops after the last
    wanted frame.
 
-decord (the project's named dependency) is the fallback when PyAV cannot read the data.
+decord (the optional `decord` extra, x86_64 only) is the fallback when PyAV cannot read the data.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from nemovl_trt.preprocess.errors import INVALID_VIDEO, INVALID_VIDEO_SAMPLING, 
 from nemovl_trt.preprocess.image import _resize, frames_to_tiles
 
 DEFAULT_FPS = 2.0
-MIN_FRAMES = 8  # api.md / model card: at least 8 frames ...
+MIN_FRAMES = 8  # docs/api.md / model card: at least 8 frames ...
 MAX_FRAMES = 128  # ... and at most 128
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 4320  # reject absurd frame sizes before decoding
 _SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})  # non-reference frames are safe to drop
@@ -122,7 +122,7 @@ def sample_indices(total_frames: int, source_fps: float, fps: float | None = Non
 
 
 def frame_timestamps(indices: Sequence[int], source_fps: float) -> list[float]:
-    """Seconds for each index: ``index · int(1000 / source_fps) / 1000`` (spec §3.1)."""
+    """Seconds for each index: ``index · int(1000 / source_fps) / 1000`` (docs/model.md §3.1)."""
     frame_duration_ms = int(1000 / source_fps)
     return [i * frame_duration_ms / 1000 for i in indices]
 
@@ -206,7 +206,10 @@ def _pyav_decode(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: 
 
 def _decord_decode(data: bytes, fps: float | None, num_frames: int | None, resize_to: int | None,
                    max_frame_pixels: int) -> VideoFrames:
-    import decord
+    try:
+        import decord
+    except ImportError:  # optional extra nemovl-trt[decord] (no aarch64 wheels): PyAV's verdict stands
+        raise PreprocessError(INVALID_VIDEO, "The video could not be decoded.") from None
 
     try:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
@@ -293,7 +296,7 @@ class VideoTiles:
 def preprocess_video(data: bytes, mean: Sequence[float], std: Sequence[float], tile: int = 512,
                      fps: float | None = None, num_frames: int | None = None,
                      threads: int = 0) -> VideoTiles:
-    """Bytes → one normalized tile per sampled frame (spec §3.2). Raises PreprocessError."""
+    """Bytes → one normalized tile per sampled frame (docs/model.md §3.2). Raises PreprocessError."""
     vf = decode_video(data, fps=fps, num_frames=num_frames, resize_to=tile, threads=threads)
     return VideoTiles(pixel_values=frames_to_tiles(vf.frames, mean, std, tile), indices=vf.indices,
                       timestamps=vf.timestamps, source_fps=vf.source_fps, total_frames=vf.total_frames)

@@ -141,7 +141,7 @@ def _convert_content(content: Any, param: str, images: list[MediaRef], videos: l
 
 def _reasoning_requested(messages: list[dict[str, Any]]) -> bool:
     """Fallback when Triton's `info` does not say: the last `/think` / `/no_think` in system and user
-    messages wins; default off (api.md "Reasoning")."""
+    messages wins; default off (docs/api.md "Reasoning")."""
     state = False
     for m in messages:
         if m.get("role") not in ("system", "user"):

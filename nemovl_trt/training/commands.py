@@ -60,7 +60,10 @@ def train_tiny(out: Path, seed: int, steps: int | None, minutes: float | None, f
 def eval_cmd(server: str, n: int, seed: int | None, as_json: bool, urls: bool, max_num_tiles: int | None,
              video_pruning_rate: float | None, concurrency: int, model: str | None, api_key: str) -> None:
     """Ask N held-out synthetic questions through the OpenAI API and print accuracy per question type."""
-    import openai
+    try:
+        import openai
+    except ImportError:  # optional extra
+        raise click.ClickException("`nemovl eval` needs openai: pip install 'nemovl-trt[client]'") from None
 
     from nemovl_trt.training.evaluate import DEFAULT_EVAL_SEED, evaluate
 

@@ -177,7 +177,10 @@ def evaluate(server: str, n: int, seed: int = DEFAULT_EVAL_SEED, urls: bool = Fa
     Returns:
         An `EvalResult`. Raises `openai.APIError` subclasses when the server fails.
     """
-    import openai
+    try:
+        import openai
+    except ImportError as e:  # optional extra
+        raise ModuleNotFoundError("evaluate() needs openai: pip install 'nemovl-trt[client]'") from e
 
     client = openai.OpenAI(base_url=api_base(server), api_key=api_key, timeout=timeout_s, max_retries=0)
     if model is None:

@@ -64,7 +64,7 @@ from nemovl_trt.training.tasks import QUESTIONS, SYSTEM_PROMPT, Sample, generate
 PRESET = "tiny"
 DEFAULT_STEPS = 750  # ~17 min on 2 cores; data/tiny-trained was trained with --steps 1200 (margin for the CI gate)
 DEFAULT_SEED = 0
-DEFAULT_MAX_NUM_TILES = 12  # the server's default tile budget (api.md: mm_processor_kwargs default 12)
+DEFAULT_MAX_NUM_TILES = 12  # the server's default tile budget (docs/api.md: mm_processor_kwargs default 12)
 NUM_THREADS = 2
 # One step's media: the cheap single-tile kinds twice (they need the most examples), detail and video once.
 ROUND_MEDIA: tuple[str, ...] = ("shape", "shape", "count", "count", "read", "detail", "video", "video")

@@ -4,7 +4,7 @@
 wheel (tritonserver 2.51 + the Python backend, shared libraries in `nvidia_pytriton.libs/`).
 `TritonServer` is a context manager that prepares a backends directory holding the Python backend
 and the stub built for the running interpreter, starts the server in its own process group with the
-environment the stub needs (RUNTIME_NOTES.md: venv `bin` first on PATH, LD_LIBRARY_PATH with the
+environment the stub needs (docs/runtime-notes.md §2: venv `bin` first on PATH, LD_LIBRARY_PATH with the
 interpreter's LIBDIR), waits for `/v2/health/ready`, forwards the log, and on exit stops the server
 (SIGINT, then SIGKILL of the group) and removes the Python-backend shared-memory regions it left.
 """
@@ -68,7 +68,7 @@ def find_tritonserver() -> TritonInstall:
     root = _pytriton_root()
     if root is None:
         raise TritonLaunchError("tritonserver is not on PATH and the nvidia-pytriton package is not installed; "
-                                "install the project's dependencies (make setup).")
+                                "pip install 'nemovl-trt[cpu]' (make setup does), or use NVIDIA's Triton container.")
     server = root / "tritonserver"
     binary = server / "bin" / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -1,8 +1,8 @@
 """Triton Python model `llm` (decoupled): streams generated token ids.
 
-cpu target: the PyTorch reference engine with continuous batching (`ContinuousBatcher`); GPU targets: the
-TensorRT-LLM LLM API. `execute` only enqueues; a background thread decodes, so requests arriving during
-a decode join the running batch at the next step. A request whose client went away
+A thin execute loop over the engine runtime (`nemovl_trt.runtime`): the cpu target's reference batcher or
+TensorRT-LLM on GPU targets, both behind `LlmEngine`. `execute` only enqueues; the engine's own thread
+(or event loop) generates, so requests arriving during a decode join the running batch at the next step. A request whose client went away
 (`request.is_cancelled()`) leaves the batch. Python backend 2.51 has no way to cancel a BLS stream, so
 the `nemovl` model cancels through a control request: `control = {"op":"cancel","request_id":...}`.
 `{"op":"stats"}` reports the active requests and counters.
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from nemovl_trt.runtime import GenRequest, LlmEngine, load_engine
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import (
     bytes_scalar,
@@ -27,7 +28,6 @@ from nemovl_trt.triton.models.common import (
     read_manifest,
     resolve_engines_dir,
 )
-from nemovl_trt.triton.models.llm_engine import GenRequest, TrtllmGenerator, build_reference_batcher
 
 
 class TritonSink:
@@ -75,16 +75,15 @@ class TritonPythonModel:
         params = model_parameters(args)
         limits = mf.limits(manifest)
         max_batch = int(params.get("max_batch_size") or limits.get("max_batch_size") or 1)
-        if mf.is_cpu(manifest):
-            threads = int(params.get("torch_threads") or 0)
-            if threads > 0:
-                import torch
+        kind = mf.llm_engine(manifest)
+        threads = int(params.get("torch_threads") or 0)
+        if kind == "reference" and threads > 0:
+            import torch
 
-                torch.set_num_threads(threads)
-            dtype = params.get("dtype") or None
-            self.backend: Any = build_reference_batcher(engines, manifest, max_batch, dtype=dtype)
-        else:
-            self.backend = TrtllmGenerator(mf.llm_dir(engines, manifest), mf.llm_api_options(engines, manifest))
+            torch.set_num_threads(threads)
+        self.backend: LlmEngine = load_engine(kind, mf.llm_dir(engines, manifest), max_batch,
+                                              llm_api_options=mf.llm_api_options(engines, manifest),
+                                              dtype=params.get("dtype") or None)
 
     def _control(self, request: Any, op: dict[str, Any]) -> None:
         sender = request.get_response_sender()
@@ -107,7 +106,7 @@ class TritonPythonModel:
     def _submit(self, request: Any) -> None:
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
         mm = pb_utils.get_input_tensor_by_name(request, "mm_embeddings")
-        mm_arr = mm.as_numpy().astype(np.float32, copy=False) if mm is not None else None
+        mm_arr = mm.as_numpy() if mm is not None else None  # each engine casts to its model dtype
         sampling = json_input(_np(pb_utils.get_input_tensor_by_name(request, "sampling")), {})
         if "max_new_tokens" not in sampling:
             raise ValueError("sampling.max_new_tokens is required.")

@@ -112,3 +112,8 @@ def vision_shapes(manifest: dict[str, Any]) -> tuple[int, int, int]:
 def video_pruning_rate(manifest: dict[str, Any]) -> float:
     """The checkpoint's default EVS rate."""
     return float(_get(manifest, "model.video_pruning_rate", default=0.0))
+
+
+def llm_engine(manifest: dict[str, Any]) -> str:
+    """The LLM engine the build made: "reference" (cpu) or "tensorrt_llm_pytorch" (GPU targets)."""
+    return str(_get(manifest, "llm.engine", default="reference" if is_cpu(manifest) else "tensorrt_llm_pytorch"))

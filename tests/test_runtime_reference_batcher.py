@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nemovl_trt.runtime.engine_api import GenRequest
+from nemovl_trt.runtime.reference_batcher import build_reference_batcher
+from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import read_manifest
-from nemovl_trt.triton.models.llm_engine import GenRequest, build_reference_batcher
 
 
 class ListSink:
@@ -36,7 +38,7 @@ class ListSink:
 
 @pytest.fixture(scope="module")
 def batcher(cpu_engines_dir: Path):
-    b = build_reference_batcher(cpu_engines_dir, read_manifest(cpu_engines_dir), max_batch_size=4)
+    b = build_reference_batcher(mf.llm_dir(cpu_engines_dir, read_manifest(cpu_engines_dir)), max_batch_size=4)
     yield b
     b.close()
 
@@ -50,7 +52,7 @@ def _prompt(batcher, text: str) -> list[int]:
 def test_batching_cancel_and_reference_equality(batcher) -> None:
     from nemovl_trt.model.engine import generate
     from nemovl_trt.model.sampling import SamplingParams
-    from nemovl_trt.triton.models.llm_engine import sampling_params_from
+    from nemovl_trt.runtime.reference_batcher import sampling_params_from
 
     opts = {"max_new_tokens": 12, "ignore_eos": True, "seed": 1, "temperature": 0.8}
     a, b, c, d = ListSink(), ListSink(), ListSink(), ListSink(gone_after=3)

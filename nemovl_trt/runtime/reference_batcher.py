@@ -1,12 +1,9 @@
-"""The generation loop behind the `llm` Triton model, independent of Triton.
+"""cpu target: continuous batching over the PyTorch reference engine (`nemovl_trt.model.engine`).
 
-`ContinuousBatcher` owns a `ReferenceEngine` (cpu target) in a background thread: requests submitted
-while a batch is decoding join it at the next step; finished, cancelled or abandoned requests leave it.
-Each request has a `Sink` that receives the streamed token ids; a sink reporting `is_cancelled()` (the
-client went away) is cancelled in the engine. Control operations (cancel by id, stats) are thread-safe.
-
-`TrtllmGenerator` drives the TensorRT-LLM LLM API for GPU targets (import-guarded; not exercised on the
-CPU machines).
+`ContinuousBatcher` owns a `ReferenceEngine` in a background thread: requests submitted while a batch is
+decoding join it at the next step; finished, cancelled or abandoned requests leave it. A sink reporting
+`is_cancelled()` (the client went away) is cancelled in the engine. Control operations (cancel by id,
+stats) are thread-safe.
 """
 
 from __future__ import annotations
@@ -17,33 +14,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from nemovl_trt.runtime.engine_api import GenRequest
+
 CANCELLED_IDS_KEPT = 100  # recent cancelled request ids reported by the stats control op
-
-
-class Sink(Protocol):
-    """Where a request's outputs go."""
-
-    def send(self, token_ids: list[int], finish_reason: str) -> None:
-        """Stream ids; `finish_reason` non-empty means this is the last call."""
-
-    def is_cancelled(self) -> bool:
-        """True when the requester went away."""
-
-
-@dataclass
-class GenRequest:
-    """One generation request: prompt ids [L], optional multimodal embeddings [M, hidden] (float32),
-    sampling options (dict: max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, ignore_eos)."""
-
-    request_id: str
-    input_ids: list[int]
-    mm_embeddings: np.ndarray | None
-    sampling: dict[str, Any]
-    sink: Sink
 
 
 @dataclass
@@ -213,17 +190,17 @@ class ContinuousBatcher:
                         self._finish(req, "cancelled")
 
 
-def build_reference_batcher(engines_dir: Path, manifest: dict[str, Any], max_batch_size: int,
+def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int,
                             dtype: str | None = None) -> ContinuousBatcher:
-    """Load the cpu-target LLM (the checkpoint under the engines dir) into a ReferenceEngine."""
+    """Load the cpu-target LLM (the checkpoint the build put in the engines dir's `llm/`) into a
+    ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...)."""
     import torch
 
     from nemovl_trt.checkpoint.loader import load_checkpoint
     from nemovl_trt.model.engine import ReferenceEngine, SamplingParams
     from nemovl_trt.model.vlm import NemotronVLM
-    from nemovl_trt.triton.models.manifest import llm_dir
 
-    ckpt = load_checkpoint(llm_dir(engines_dir, manifest))
+    ckpt = load_checkpoint(checkpoint_dir)
     model = NemotronVLM.from_checkpoint(ckpt, dtype=dtype)
     eos = tuple(ckpt.generation.eos_token_ids) or tuple(ckpt.tokenizer.eos_ids)
     engine = ReferenceEngine(model, eos, max_batch_size=max_batch_size)
@@ -249,77 +226,3 @@ def sampling_params_from(cls: Any, opts: dict[str, Any]) -> Any:
                seed=int(seed) if seed is not None else None,
                stop_token_ids=tuple(int(t) for t in (opts.get("stop_token_ids") or ())),
                ignore_eos=bool(opts.get("ignore_eos", False)))
-
-
-class TrtllmGenerator:
-    """GPU targets: TensorRT-LLM's LLM API (PyTorch backend) on the bundle in `engines/llm`.
-
-    Thin real calls, not exercised on the CPU machines: `tensorrt_llm.LLM(model=bundle, **options)`, then
-    `generate_async(..., streaming=True)` per request with the prompt ids and the multimodal embeddings.
-    """
-
-    def __init__(self, bundle_dir: Path, llm_api_options: dict[str, Any]) -> None:
-        try:
-            import tensorrt_llm  # type: ignore[import-not-found]
-            import torch
-        except ImportError:
-            raise RuntimeError("this target needs tensorrt_llm and an NVIDIA GPU; none found (run the "
-                               "repository in NVIDIA's TensorRT-LLM/Triton container).") from None
-        if not torch.cuda.is_available():
-            raise RuntimeError("this target needs an NVIDIA GPU; none found.")
-        self._trtllm = tensorrt_llm
-        self.llm = tensorrt_llm.LLM(model=str(bundle_dir), **llm_api_options)
-        self._running: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def submit(self, req: GenRequest) -> None:
-        threading.Thread(target=self._run_one, args=(req,), daemon=True).start()
-
-    def _run_one(self, req: GenRequest) -> None:
-        import asyncio
-
-        import torch
-
-        s = req.sampling
-        params = self._trtllm.SamplingParams(
-            max_tokens=int(s["max_new_tokens"]), temperature=float(s.get("temperature", 0.0)),
-            top_p=float(s.get("top_p", 1.0)), top_k=int(s.get("top_k", 0)) or None, seed=int(s.get("seed", 0)),
-            stop_token_ids=list(s.get("stop_token_ids") or []), ignore_eos=bool(s.get("ignore_eos", False)))
-        inputs: dict[str, Any] = {"prompt_token_ids": list(req.input_ids)}
-        if req.mm_embeddings is not None and req.mm_embeddings.size:
-            inputs["multi_modal_embeddings"] = torch.from_numpy(req.mm_embeddings).cuda()
-
-        async def stream() -> None:
-            result = self.llm.generate_async(inputs, sampling_params=params, streaming=True)
-            with self._lock:
-                self._running[req.request_id] = result
-            sent = 0
-            async for out in result:
-                if req.sink.is_cancelled():
-                    result.abort()
-                    req.sink.send([], "cancelled")
-                    return
-                ids = list(out.outputs[0].token_ids)
-                reason = out.outputs[0].finish_reason or "" if out.finished else ""
-                req.sink.send(ids[sent:], str(reason) if out.finished else "")
-                sent = len(ids)
-
-        try:
-            asyncio.run(stream())
-        finally:
-            with self._lock:
-                self._running.pop(req.request_id, None)
-
-    def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            result = self._running.get(request_id)
-        if result is not None:
-            result.abort()
-        return result is not None
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"active": sorted(self._running), "time": time.time()}
-
-    def close(self) -> None:
-        self.llm.shutdown()

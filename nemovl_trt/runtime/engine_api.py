@@ -1,0 +1,55 @@
+"""The one small interface both LLM engines offer the `llm` Triton model (and the tests).
+
+A request carries its prompt ids, its vision embeddings (rows in prompt order, one per image-context
+token) and its sampling options; the engine streams generated ids to the request's `Sink` and ends with a
+non-empty finish reason: "stop", "length", "cancelled", or "error:<message>".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Sink(Protocol):
+    """Where a request's outputs go."""
+
+    def send(self, token_ids: list[int], finish_reason: str) -> None:
+        """Stream new ids; a non-empty `finish_reason` means this is the last call."""
+
+    def is_cancelled(self) -> bool:
+        """True when the requester went away."""
+
+
+@dataclass
+class GenRequest:
+    """One generation request.
+
+    input_ids: prompt ids [L], image-context tokens already expanded (EVS applied for video).
+    mm_embeddings: float [M, llm_hidden] with M = number of image-context ids in `input_ids`, or None.
+    sampling: max_new_tokens (required), temperature, top_p, top_k, seed, stop_token_ids, ignore_eos
+    (docs/interfaces.md)."""
+
+    request_id: str
+    input_ids: list[int]
+    mm_embeddings: np.ndarray | None
+    sampling: dict[str, Any]
+    sink: Sink
+
+
+class LlmEngine(Protocol):
+    """What `triton/models/llm.py` calls. Every method is safe from any thread."""
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request; results go to `req.sink`."""
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; True when it was known."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Active/queued request ids and counters (the `stats` control op)."""
+
+    def close(self) -> None:
+        """Stop the loop and release the engine."""
