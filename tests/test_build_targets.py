@@ -79,6 +79,9 @@ def test_b200_offers_fp8_and_h100_cannot_take_nvfp4():
     ("h100", {"vision.opset": 13}, "h100.yaml: 'vision.opset' must be >= 17"),
     ("h100", {"trtllm.enable_block_reuse": True}, "h100.yaml: 'trtllm.enable_block_reuse' must be false"),
     ("h100", {"trtllm.cuda_graph_batch_sizes": [4, 2]}, "h100.yaml: 'trtllm.cuda_graph_batch_sizes' must be increasing"),
+    ("h100", {"trtllm.enable_chunked_prefill": False},
+     "h100.yaml: with 'trtllm.enable_chunked_prefill' false, 'limits.max_num_tokens' (8192) must be >= "
+     "'limits.max_seq_len' (131072)."),
 ])
 def test_validation_errors_name_file_key_and_target(tmp_path, base, changes, message):
     path = _write(tmp_path, changes, base)

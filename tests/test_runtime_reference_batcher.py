@@ -3,7 +3,6 @@ steps, cancellation by id and by a requester that went away, results equal to `g
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -13,27 +12,7 @@ from nemovl_trt.runtime.engine_api import GenRequest
 from nemovl_trt.runtime.reference_batcher import build_reference_batcher
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import read_manifest
-
-
-class ListSink:
-    """Collects streamed ids; `gone_after` makes it report cancellation after that many ids."""
-
-    def __init__(self, gone_after: int | None = None) -> None:
-        self.ids: list[int] = []
-        self.finish = ""
-        self.calls = 0
-        self.done = threading.Event()
-        self.gone_after = gone_after
-
-    def send(self, token_ids: list[int], finish_reason: str) -> None:
-        self.ids += token_ids
-        self.calls += 1
-        if finish_reason:
-            self.finish = finish_reason
-            self.done.set()
-
-    def is_cancelled(self) -> bool:
-        return self.gone_after is not None and len(self.ids) >= self.gone_after
+from tests.sinks import ListSink
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Not a GPU test: it proves our calls fit TensorRT-LLM's contract, not that Tensor
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,33 +19,9 @@ from nemovl_trt.runtime import trtllm_generator as tg
 from nemovl_trt.runtime.engine_api import GenRequest
 from nemovl_trt.runtime.trtllm_processor import install_embeddings_processor
 from tests import fake_tensorrt_llm as fake
+from tests.sinks import ListSink
 
 IMG = 1500
-TIMEOUT_S = 20
-
-
-class ListSink:
-    def __init__(self, gone_after: int | None = None) -> None:
-        self.ids: list[int] = []
-        self.calls = 0
-        self.finish = ""
-        self.done = threading.Event()
-        self.gone_after = gone_after
-
-    def send(self, token_ids: list[int], finish_reason: str) -> None:
-        assert not self.done.is_set(), "a request got a message after its final one"
-        self.ids += token_ids
-        self.calls += 1
-        if finish_reason:
-            self.finish = finish_reason
-            self.done.set()
-
-    def is_cancelled(self) -> bool:
-        return self.gone_after is not None and len(self.ids) >= self.gone_after
-
-    def wait(self) -> ListSink:
-        assert self.done.wait(TIMEOUT_S), "no final message"
-        return self
 
 
 @pytest.fixture(scope="module")

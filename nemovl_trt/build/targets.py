@@ -230,6 +230,12 @@ def parse_target(d: Any, where: str) -> TargetConfig:
     frac = trt_d.get("free_gpu_memory_fraction", 0.9)
     if not 0.0 < frac <= 1.0:
         raise TargetError(f"{where}: 'trtllm.free_gpu_memory_fraction' must be in (0, 1], got {frac}.")
+    lim_d = d["limits"]
+    if not trt_d.get("enable_chunked_prefill", True) and lim_d["max_num_tokens"] < lim_d["max_seq_len"]:
+        # without chunked prefill TensorRT-LLM refuses any prompt longer than max_num_tokens, and a
+        # 128-frame video is > 30K tokens: every prompt the limits admit must fit one iteration
+        raise TargetError(f"{where}: with 'trtllm.enable_chunked_prefill' false, 'limits.max_num_tokens' "
+                          f"({lim_d['max_num_tokens']}) must be >= 'limits.max_seq_len' ({lim_d['max_seq_len']}).")
 
     target = TargetConfig(
         name=d["name"],
