@@ -57,9 +57,41 @@ def train_tiny(out: Path, seed: int, steps: int | None, minutes: float | None, f
 @click.option("--model", default=None, help="Model id [default: the server's first model].")
 @click.option("--api-key", envvar="NEMOVL_API_KEY", default="none", show_default=False,
               help="Bearer key, if the server requires one (env NEMOVL_API_KEY).")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A benchmark file or folder (JSON, JSONL or parquet as the benchmark ships it) instead of "
+                   "the synthetic questions; needs --format. See docs/eval.md.")
+@click.option("--format", "fmt", type=click.Choice(["docvqa", "infovqa", "chartqa", "ai2d", "videomme"]),
+              default=None, help="The --dataset's benchmark (its fields and its metric: ANLS for docvqa/infovqa, "
+                                 "relaxed accuracy for chartqa, exact choice for ai2d/videomme).")
+@click.option("--media-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of the dataset's images/videos [default: the dataset file's folder].")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Ask only the first N questions of --dataset.")
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="max_tokens of each --dataset request.")
+@click.option("--prompt", "prompt_style", type=click.Choice(["benchmark", "raw"]), default="benchmark",
+              show_default=True, help="--dataset prompt: the usual instruction (short answer / lettered "
+                                      "options) or the question alone.")
+@click.option("--system", default="/no_think", show_default=True,
+              help="System message of each --dataset request ('' for none).")
+@click.option("--extra-body", default=None, metavar="JSON",
+              help='Extra request fields for --dataset, e.g. \'{"media_io_kwargs": {"video": {"num_frames": 64}}}\'.')
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every --dataset answer and its score here (JSON Lines).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 def eval_cmd(server: str, n: int, seed: int | None, as_json: bool, urls: bool, max_num_tiles: int | None,
-             video_pruning_rate: float | None, concurrency: int, model: str | None, api_key: str) -> None:
-    """Ask N held-out synthetic questions through the OpenAI API and print accuracy per question type."""
+             video_pruning_rate: float | None, concurrency: int, model: str | None, api_key: str,
+             dataset: Path | None, fmt: str | None, media_root: Path | None, limit: int | None, max_tokens: int,
+             prompt_style: str, system: str, extra_body: str | None, predictions: Path | None,
+             progress: bool | None) -> None:
+    """Accuracy through the OpenAI API: N held-out synthetic questions per type (default), or a public
+    benchmark file with --dataset FILE --format NAME, scored with that benchmark's metric."""
+    if dataset is not None or fmt is not None:
+        if dataset is None or fmt is None:
+            raise click.UsageError("--dataset and --format go together.")
+        _eval_dataset(server, dataset, fmt, media_root, limit, model, api_key, concurrency, max_tokens,
+                      prompt_style, system, extra_body, max_num_tiles, video_pruning_rate, predictions, progress,
+                      as_json)
+        return
     try:
         import openai
     except ImportError:  # optional extra
@@ -83,6 +115,38 @@ def eval_cmd(server: str, n: int, seed: int | None, as_json: bool, urls: bool, m
         click.echo(json.dumps(result.to_json()))
     else:
         click.echo(result.table())
+
+
+def _eval_dataset(server: str, dataset: Path, fmt: str, media_root: Path | None, limit: int | None,
+                  model: str | None, api_key: str, concurrency: int, max_tokens: int, prompt_style: str,
+                  system: str, extra_body: str | None, max_num_tiles: int | None,
+                  video_pruning_rate: float | None, predictions: Path | None, progress: bool | None,
+                  as_json: bool) -> None:
+    from nemovl_trt.evaluation.formats import DatasetError, load_dataset
+    from nemovl_trt.evaluation.runner import EndpointError, evaluate_items
+
+    extra: dict = {}
+    if extra_body:
+        try:
+            extra = json.loads(extra_body)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not JSON: {e.msg}", param_hint="--extra-body") from None
+        if not isinstance(extra, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--extra-body")
+    if max_num_tiles is not None:
+        extra.setdefault("mm_processor_kwargs", {})["max_num_tiles"] = max_num_tiles
+    if video_pruning_rate is not None:
+        extra["video_pruning_rate"] = video_pruning_rate
+    try:
+        items = load_dataset(dataset, fmt, media_root=media_root, limit=limit)
+        result = evaluate_items(items, server, model=model, api_key=None if api_key == "none" else api_key,
+                                concurrency=concurrency, max_tokens=max_tokens, prompt_style=prompt_style,
+                                system=system or None, extra_body=extra or None, progress=progress)
+    except (DatasetError, EndpointError) as e:
+        raise click.ClickException(str(e)) from None
+    if predictions is not None:
+        result.write_predictions(predictions)
+    click.echo(json.dumps(result.to_json()) if as_json else result.table())
 
 
 def _error_message(e: object) -> str:
