@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CACHE   := .cache
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench fuzz gpu-acceptance clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,22 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+# Longer fuzzing of the HTTP API from its OpenAPI document (schemathesis) + the bad-input corpus; `make test`
+# runs the same tests with a 45 s fuzz budget. FUZZ_SECONDS / FUZZ_SEED to vary.
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= 20261203
+fuzz: setup
+	NEMOVL_FUZZ_SECONDS=$(FUZZ_SECONDS) NEMOVL_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/pytest -q -ra -s --timeout=$$(( $(FUZZ_SECONDS) + 600 )) tests/test_fuzz_api.py tests/test_fuzz_corpus.py
+
+# One-command acceptance (docs/acceptance.md): detect the GPU and its target, build, serve, run the OpenAI
+# conformance tests, the tiny-trained accuracy gate, the benchmark-format eval and a short load; writes
+# .cache/acceptance/acceptance-report.{md,json}. Not tied to `setup` (that pins the CPU torch): on a GPU host
+# run it inside NVIDIA's container after `pip install -e '.[gpu,client]' pytest pytest-timeout`; without a
+# GPU it uses .venv (make setup) for the cpu steps and reports the GPU steps as skipped.
+ACCEPTANCE_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-acceptance:
+	$(ACCEPTANCE_PY) scripts/gpu_acceptance.py $(ACCEPTANCE_ARGS)
 
 clean:
 	rm -rf $(CACHE) .pytest_cache .ruff_cache build dist *.egg-info

@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks import stack as stack_mod
 from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, utc_now, write_json
 
-SECTIONS = ("preprocess", "batching", "serving", "evs", "perf_analyzer")
+SECTIONS = ("preprocess", "batching", "sampling", "serving", "evs", "perf_analyzer")
 
 
 def _model_id(base_url: str) -> str:
@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         eng = _section(results, "batching-engine", lambda: batching_bench.bench_engine(info.checkpoint, **kw))
         results["batching"] = {"engine": eng}
 
+    if "sampling" in only:  # constrained decoding cost, grammar compile time, n=4 vs 4 requests (in process)
+        from benchmarks import sampling_bench
+
+        results["sampling"] = _section(results, "sampling",
+                                       lambda: sampling_bench.run(info.checkpoint, quick=args.quick))
+
     if only & {"serving", "evs", "perf_analyzer", "batching"}:
         _served_sections(results, info, only, args.quick)
     return _finish(results, out_dir, t_start)
@@ -170,7 +176,7 @@ def _finish(results: dict[str, Any], out_dir: Path, t_start: float) -> int:
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {k: results[k] for k in ("time", "command", "machine", "quick") if k in results}
-    for name in ("serving", "batching", "evs", "perf_analyzer", "preprocess"):
+    for name in ("serving", "batching", "evs", "perf_analyzer", "preprocess", "sampling"):
         if results.get(name):
             write_json(out_dir / f"{name}.json", {"benchmark": name, **common, "stack": results.get("stack"),
                                                    **({"result": results[name]})})
@@ -182,6 +188,10 @@ def _finish(results: dict[str, Any], out_dir: Path, t_start: float) -> int:
         pngs = []
     (out_dir / "README.md").write_text(report.render_readme(results), encoding="utf-8")
     print("\n".join(report.target_lines(results)))
+    if results.get("sampling"):
+        from benchmarks import sampling_bench
+
+        print("\n".join(sampling_bench.lines(results["sampling"])))
     print(f"results: {out_dir} ({len(pngs)} plots); make bench took {results['wall_s']:.0f} s")
     if results.get("errors"):
         print(f"sections that failed: {', '.join(results['errors'])}", file=sys.stderr)

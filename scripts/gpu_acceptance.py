@@ -10,6 +10,8 @@ Steps, for the GPU target found (the "gpu" pass) and for the cpu target (the "cp
 
 1. ``detect``       the GPU (nvidia-smi, then torch.cuda) and the build target of its compute capability
                     (the ``arch`` of build_configs/*.yaml: sm80 a100, sm89 l40s, sm90 h100, sm100 b200)
+   ``trtllm_hook``  (gpu pass) TensorRT-LLM imports and has the embeddings hook of docs/trtllm.md §3
+                    (scripts/check_trtllm_hook.py)
 2. ``engines``      ``nemovl-build engines --target T --checkpoint CKPT --out WORK/engines/T``
 3. ``repo``         ``nemovl-build repo --engines … --out WORK/repo/T``
 4. ``serve``        ``nemovl serve --repo … --engines-dir … --host 127.0.0.1 --port P`` until /v1/health/ready
@@ -52,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINED = REPO_ROOT / "data" / "tiny-trained"
 SCHEMA_VERSION = 1
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
-STEP_NAMES = ("engines", "repo", "serve", "conformance", "accuracy", "bench_formats", "load")
+STEP_NAMES = ("trtllm_hook", "engines", "repo", "serve", "conformance", "accuracy", "bench_formats", "load")
 ACCURACY_SEED = 4242
 ACCURACY_MIN = 0.9  # per type, as tests/test_accuracy_e2e.py
 BENCH_FORMATS_MIN = 0.75
@@ -293,6 +295,18 @@ class Options:
     synthetic_gate: bool
 
 
+def step_trtllm_hook(stack: Stack, opt: Options) -> Callable[[Step], None]:
+    def fn(step: Step) -> None:
+        log = opt.workdir / "logs" / f"{step.key}.log"
+        argv = [sys.executable, str(REPO_ROOT / "scripts" / "check_trtllm_hook.py"), "--json"]
+        run_logged(step, argv, log, 300, display="python scripts/check_trtllm_hook.py --json")
+        step.detail = json.loads(log.read_text().strip().splitlines()[-1])
+        if not step.detail["present"]:
+            raise StepFailed(step.detail["error"] or f"TensorRT-LLM {step.detail['tensorrt_llm']} lacks "
+                             f"{', '.join(step.detail['missing'])} (docs/trtllm.md §3: after 2026-05 needed)")
+    return fn
+
+
 def step_engines(stack: Stack, opt: Options) -> Callable[[Step], None]:
     def fn(step: Step) -> None:
         argv = [*_tool("nemovl-build"), "engines", "--target", stack.target, "--checkpoint", str(opt.checkpoint),
@@ -372,8 +386,11 @@ def step_conformance(stack: Stack, opt: Options) -> Callable[[Step], None]:
         if importlib.util.find_spec("openai") is None:
             raise StepSkipped("openai is not installed (pip install -e '.[client]')")
         junit = opt.workdir / "logs" / f"{step.key}.xml"
+        per_test = max(30, int(min(opt.step_timeout_s, 600) // 3))
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "integration",
                 "tests/test_acceptance_openai.py", f"--junitxml={junit}"]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            argv.append(f"--timeout={per_test}")
         try:
             run_logged(step, argv, opt.workdir / "logs" / f"{step.key}.log", opt.step_timeout_s,
                        env={"NEMOVL_ACCEPTANCE_BASE_URL": stack.base_url or ""},
@@ -495,7 +512,7 @@ def step_load(stack: Stack, opt: Options) -> Callable[[Step], None]:
     return fn
 
 
-STEP_FUNCS = {"engines": step_engines, "repo": step_repo, "serve": step_serve, "conformance": step_conformance,
+STEP_FUNCS = {"trtllm_hook": step_trtllm_hook, "engines": step_engines, "repo": step_repo, "serve": step_serve, "conformance": step_conformance,
               "accuracy": step_accuracy, "bench_formats": step_bench_formats, "load": step_load}
 NEEDS = {"repo": "engines", "serve": "repo", "conformance": "serve", "accuracy": "serve", "bench_formats": "serve",
          "load": "serve"}
@@ -513,6 +530,10 @@ def run_pass(phase: str, target: str | None, skip_reason: str | None, opt: Optio
     by_name = {s.name: s for s in steps}
     try:
         for s in steps:
+            if s.name == "trtllm_hook" and target == "cpu":
+                s.status, s.reason = SKIPPED, "the cpu target runs the reference engine, not TensorRT-LLM"
+                print(f"[{s.key}] skipped: {s.reason}", flush=True)
+                continue
             dep = NEEDS.get(s.name)
             if dep is not None and by_name[dep].status != PASS:
                 s.status, s.reason = SKIPPED, f"{phase}.{dep} did not pass"
@@ -572,6 +593,8 @@ def _short_detail(st: dict[str, Any]) -> str:
         return d.get("summary", "")
     if st["status"] != PASS:
         return ""
+    if st["name"] == "trtllm_hook":
+        return f"TensorRT-LLM {d.get('tensorrt_llm')}"
     if st["name"] == "engines":
         return f"vision {d.get('vision_runtime')}, llm {d.get('llm_engine')}, {d.get('precisions', {}).get('llm')}"
     if st["name"] == "serve":
@@ -613,8 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-gate", action="store_true",
                     help="apply the tiny-trained accuracy gates to another checkpoint too")
     ap.add_argument("--serve-timeout", type=float, default=None, help="seconds to wait for the server [cpu 180, gpu 600]")
-    ap.add_argument("--step-timeout", type=float, default=600.0, help="seconds for any one command")
+    ap.add_argument("--step-timeout", type=float, default=None, help="seconds for any one command [600; quick 240]")
     args = ap.parse_args(argv)
+    if args.step_timeout is None:
+        args.step_timeout = 240.0 if args.quick else 600.0
+    # SIGTERM (a CI runner, `timeout`) ends the run through the finally blocks, which stop the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()

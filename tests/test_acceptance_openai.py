@@ -46,7 +46,7 @@ def target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture(scope="module")
 def client(target: Target):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=target.base_url, api_key="unused", timeout=300, max_retries=0)
+    return openai.OpenAI(base_url=target.base_url, api_key="unused", timeout=120, max_retries=0)
 
 
 def _png(size=(96, 96)) -> str:
@@ -121,7 +121,7 @@ def test_image_and_video_inputs_add_prompt_tokens(client, target: Target):
 
 @pytest.mark.parametrize("body, status, code", [
     ({"model": "no-such-model"}, 404, "model_not_found"),
-    ({"n": 2}, 400, "unsupported_parameter"),
+    ({"max_tokens": -1}, 400, None),
     ({"messages": _user("x", {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}})},
      400, "invalid_image"),
     ({"stream_options": {"include_usage": True}}, 400, None),

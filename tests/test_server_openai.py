@@ -297,7 +297,7 @@ def test_metrics_move(api_server: ApiServer, sdk: openai.OpenAI) -> None:
     sdk.chat.completions.create(model=api_server.model, messages=user(image_part(b64(png_bytes(64, 64))), "hi"),
                                 max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        sdk.chat.completions.create(model=api_server.model, messages=user("x"), max_tokens=1, n=3)
+        sdk.chat.completions.create(model=api_server.model, messages=user("x"), max_tokens=1, n=0)
     after = metrics(api_server)
 
     def d(key: str) -> float:
@@ -344,9 +344,17 @@ def _error_cases(api: ApiServer, meta: dict[str, Any]) -> list[tuple[str, dict[s
         ("tiles out of range", {"messages": user("x"), "mm_processor_kwargs": {"max_num_tiles": 13}}, 400,
          "invalid_parameter"),
         ("temperature", {"messages": user("x"), "temperature": 3}, 400, "invalid_parameter"),
-        ("json mode", {"messages": user("x"), "response_format": {"type": "json_object"}}, 400,
-         "unsupported_parameter"),
-        ("logprobs", {"messages": user("x"), "logprobs": True}, 400, "unsupported_parameter"),
+        ("strict schema, unknown keyword", {"messages": user("x"), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+                "type": "object", "properties": {"a": {"type": "string", "shape": "round"}}}}}}, 400,
+         "invalid_json_schema"),
+        ("top_logprobs over 20", {"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400,
+         "invalid_parameter"),
+        ("n = 0", {"messages": user("x"), "n": 0}, 400, "invalid_parameter"),
+        ("n over the cap", {"messages": user("x"), "n": 9}, 400, "invalid_parameter"),
+        ("logit_bias out of range", {"messages": user("x"), "logit_bias": {"5": 150}}, 400, "invalid_parameter"),
+        ("logit_bias token outside the vocabulary", {"messages": user("x"), "logit_bias": {"99999999": 1}}, 400,
+         "invalid_parameter"),
         ("stream_options without stream", {"messages": user("x"), "stream_options": {"include_usage": True}}, 400,
          "invalid_parameter"),
         ("unknown model", {"model": "gpt-4o", "messages": user("x")}, 404, "model_not_found"),
@@ -367,7 +375,7 @@ def test_errors_then_next_request_succeeds(api_server: ApiServer, sdk: openai.Op
 
 def test_sdk_error_types(api_server: ApiServer, sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        sdk.chat.completions.create(model=api_server.model, messages=user("x"), n=2)
+        sdk.chat.completions.create(model=api_server.model, messages=user("x"), n=99)
     assert e.value.status_code == 400 and e.value.body["param"] == "n"
     r = httpx.get(api_server.root_url + "/v1/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

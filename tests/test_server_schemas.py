@@ -59,6 +59,38 @@ def test_sampling_fields_forwarded() -> None:
                         "max_tokens": 30, "max_num_tiles": 6, "ignore_eos": True}
 
 
+def test_sampling_extensions_forwarded() -> None:
+    r = parse_chat_request(body(n=3, frequency_penalty=0.5, presence_penalty=-0.25, repetition_penalty=1.2,
+                                logit_bias={"17": -100, "3": 2.5}, logprobs=True, top_logprobs=4, seed=1), LIMITS)
+    assert r.params == {"n": 3, "frequency_penalty": 0.5, "presence_penalty": -0.25, "repetition_penalty": 1.2,
+                        "logit_bias": {"17": -100.0, "3": 2.5}, "logprobs": 4, "seed": 1}
+    assert r.sampling.n == 3 and r.sampling.logprobs == 4
+    r = parse_chat_request(body(logprobs=True), LIMITS)
+    assert r.params == {"logprobs": 0} and r.sampling.logprobs == 0
+    assert parse_chat_request(body(logprobs=False, top_logprobs=0), LIMITS).sampling.logprobs is None
+
+
+def test_response_format_and_forced_tools_become_grammar_specs() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    r = parse_chat_request(body(response_format={"type": "json_schema", "json_schema": {
+        "name": "A", "schema": schema, "strict": True}}), LIMITS)
+    assert r.params["guided"] == {"type": "json_schema", "schema": schema, "strict": True}
+    assert parse_chat_request(body(response_format={"type": "json_object"}), LIMITS).params["guided"] == {
+        "type": "json_object"}
+    assert "guided" not in parse_chat_request(body(response_format={"type": "text"}), LIMITS).params
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}},
+             {"type": "function", "function": {"name": "g", "strict": True}}]
+    r = parse_chat_request(body(tools=tools, tool_choice="required"), LIMITS)
+    assert r.params["guided"] == {"type": "tool_calls", "parallel": True, "tools": [
+        {"name": "f", "parameters": schema, "strict": False}, {"name": "g", "parameters": None, "strict": True}]}
+    r = parse_chat_request(body(tools=tools, tool_choice="required", parallel_tool_calls=False), LIMITS)
+    assert r.params["guided"]["parallel"] is False
+    r = parse_chat_request(body(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), LIMITS)
+    assert r.params["guided"]["tools"] == [{"name": "g", "parameters": None, "strict": True}]
+    assert "guided" not in parse_chat_request(body(tools=tools, tool_choice="auto"), LIMITS).params
+
+
 def test_stream_options() -> None:
     r = parse_chat_request(body(stream=True, stream_options={"include_usage": True}), LIMITS)
     assert r.stream and r.include_usage
@@ -117,17 +149,34 @@ def test_reasoning_hint(system: str | None, expected: bool) -> None:
     ({"max_tokens": 4096}, "max_tokens", "context_length_exceeded"),
     ({"max_completion_tokens": 10**6}, "max_completion_tokens", "context_length_exceeded"),
     ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_parameter"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ({"presence_penalty": -2.5}, "presence_penalty", "invalid_parameter"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "invalid_parameter"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "invalid_parameter"),
+    ({"logit_bias": {"five": 1}}, "logit_bias", "invalid_parameter"),
+    ({"logit_bias": [1, 2]}, "logit_bias", "invalid_parameter"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_parameter"),
     ({"stop": [1]}, "stop", "invalid_parameter"),
-    ({"n": 2}, "n", "unsupported_parameter"),
+    ({"n": 9}, "n", "invalid_parameter"),
     ({"n": 0}, "n", "invalid_parameter"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"logprobs": "yes"}, "logprobs", "invalid_parameter"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "invalid_parameter"),
     ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format",
-     "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string", "colour": 1}}}}}},
+     "response_format.json_schema.schema", "invalid_json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "array", "uniqueItems": True}}}},
+     "response_format.json_schema.schema", "invalid_json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(("}}}}, "response_format.json_schema.schema",
+     "invalid_json_schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "invalid_parameter"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}, "response_format.json_schema.schema",
+     "invalid_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}],
+      "tool_choice": "required"}, "tools", "invalid_json_schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format", "invalid_parameter"),
     ({"response_format": {"type": "yaml"}}, "response_format", "invalid_parameter"),
     ({"stream": "yes"}, "stream", "invalid_parameter"),
     ({"mm_processor_kwargs": {"max_num_tiles": 0}}, "mm_processor_kwargs.max_num_tiles", "invalid_parameter"),

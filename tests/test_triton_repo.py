@@ -55,10 +55,10 @@ def test_configs_match_the_documented_interface(generated: Path, cpu_engines_dir
     assert entry.model_transaction_policy.decoupled
     assert [(i.name, list(i.dims), i.optional) for i in entry.input] == [
         ("messages", [1], False), ("images", [-1], True), ("video", [1], True), ("tools", [1], True),
-        ("params", [1], True)]
+        ("params", [1], True), ("prompt", [1], True)]
     assert [(o.name, list(o.dims)) for o in entry.output] == [
         ("text", [1]), ("token_ids", [-1]), ("finish_reason", [1]), ("prompt_tokens", [1]),
-        ("completion_tokens", [1]), ("info", [1])]
+        ("completion_tokens", [1]), ("info", [1]), ("index", [1]), ("logprobs", [1])]
     params = parameters_of(entry)
     lim = manifest["limits"]
     assert {k: params[k] for k in itf.NEMOVL_PUBLIC_PARAMETERS} == {

@@ -80,6 +80,65 @@ def test_sampling_params_fields_exist_upstream(opts: dict) -> None:
     fake_llm.FakeSamplingParams(**kw)  # and the keyword-only constructor takes them
 
 
+class FakeGuidedDecodingParams:
+    """tensorrt_llm.sampling_params.GuidedDecodingParams from the recorded fields: keyword-only, at most one
+    field truthy (upstream's _validate)."""
+
+    def __init__(self, **kwargs) -> None:
+        unknown = sorted(set(kwargs) - fields("tensorrt_llm", "tensorrt_llm.sampling_params.GuidedDecodingParams"))
+        if unknown:
+            raise TypeError(f"GuidedDecodingParams got an unexpected keyword argument {unknown[0]!r}")
+        if sum(bool(v) for v in kwargs.values()) > 1:
+            raise ValueError("only one guide can be used")
+        self.kwargs = kwargs
+
+
+@pytest.mark.parametrize("opts", [
+    {"max_new_tokens": 4, "frequency_penalty": 0.5, "presence_penalty": -1.0, "repetition_penalty": 1.2},
+    {"max_new_tokens": 4, "logit_bias": {"3": -100.0, "7": 2.5}, "vocab_size": 16},
+    {"max_new_tokens": 4, "guided": {"type": "json_schema", "schema": {"type": "object"}, "strict": True}},
+    {"max_new_tokens": 4, "guided": {"type": "json_object"}, "temperature": 0.5, "seed": 3},
+])
+def test_every_mapped_sampling_option_is_an_upstream_field(opts: dict) -> None:
+    kw = sampling_kwargs(opts, guided_params=FakeGuidedDecodingParams)
+    assert set(kw) <= fields("tensorrt_llm", "tensorrt_llm.SamplingParams"), set(kw)
+    fake_llm.FakeSamplingParams(**kw)
+    if "logit_bias" in opts:  # upstream has no logit_bias: embedding_bias, a float32 tensor over the vocabulary
+        bias = kw["embedding_bias"]
+        assert bias.dtype == torch.float32 and bias.shape == (16,)
+        assert bias[3] == -100.0 and bias[7] == 2.5 and float(bias.abs().sum()) == 102.5
+    if "guided" in opts:
+        want = {"json": {"type": "object"}} if opts["guided"]["type"] == "json_schema" else {"json_object": True}
+        assert kw["guided_decoding"].kwargs == want
+    for key in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        if key in opts:
+            assert kw[key] == opts[key]
+
+
+@pytest.mark.parametrize(("opts", "what"), [
+    ({"n": 2}, "n > 1"),
+    ({"logprobs": 0}, "logprobs"),
+    ({"prompt_logprobs": 1}, "logprobs"),
+    ({"guided": {"type": "tool_calls", "tools": [{"name": "f"}]}}, "forced tool call"),
+    ({"guided": {"type": "json_object", "reasoning": True}}, "thinking block"),
+    ({"logit_bias": {"1": 1.0}}, "logit_bias"),
+])
+def test_options_the_gpu_path_cannot_honour_are_refused_clearly(opts: dict, what: str) -> None:
+    from nemovl_trt.runtime.trtllm_requests import UnsupportedOnTrtllm
+
+    with pytest.raises(UnsupportedOnTrtllm) as e:
+        sampling_kwargs({"max_new_tokens": 4, **opts}, guided_params=FakeGuidedDecodingParams)
+    assert str(e.value).startswith("[unsupported_parameter] ") and what in str(e.value)
+
+
+@pytest.mark.parametrize("name", GPU_TARGETS)
+def test_guided_decoding_backend_is_an_accepted_value(name: str, real_config) -> None:
+    target = load_target(name)
+    opts = llm_api_options(target, plan_memory(real_config, target))
+    recorded = symbol("tensorrt_llm", "tensorrt_llm.llmapi.llm_args.TorchLlmArgs")["fields"]["guided_decoding_backend"]
+    assert repr(opts["guided_decoding_backend"]) in recorded["type"]  # Literal['xgrammar', 'llguidance']
+
+
 def test_prompt_keys_are_the_ones_upstream_reads() -> None:
     read = members("tensorrt_llm", "tensorrt_llm.llmapi.llm.BaseLLM._preprocess")
     assert set(prompt_inputs([1, 2], torch.zeros(1, 4))) <= read

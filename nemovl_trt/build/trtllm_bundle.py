@@ -162,6 +162,9 @@ def llm_api_options(target: TargetConfig, plan: MemoryPlan) -> dict[str, Any]:
         "max_num_tokens": plan.max_num_tokens,
         "max_seq_len": plan.max_seq_len,
         "enable_chunked_prefill": t.enable_chunked_prefill,
+        # structured output (response_format, GuidedDecodingParams per request): the grammar engine the cpu
+        # reference engine uses too (docs/api.md "Structured output")
+        "guided_decoding_backend": "llguidance",
         "kv_cache_config": {
             "free_gpu_memory_fraction": t.free_gpu_memory_fraction,
             "enable_block_reuse": t.enable_block_reuse,

@@ -1,13 +1,17 @@
 """ReferenceEngine: continuous batching over the PyTorch reference model.
 
 Each `step()`:
-  1. applies cancellations (a cancelled request reports one StepOutput with finish_reason "cancelled"
-     and token_id None, and leaves the batch);
+  1. applies cancellations (a cancelled choice reports one StepOutput with finish_reason "cancelled" and
+     token_id None, and leaves the batch);
   2. prefills the requests added since the last step, one at a time (chunked SSD scan, full causal
-     attention) and samples each one's first token;
-  3. runs ONE batched decode step for every sequence that was already running: per-sequence Mamba
-     states are stacked into [B, ...] tensors, attention KV caches of different lengths are padded
-     and masked, and the MLP / projections run as one batch.
+     attention), forks the sequence state once per choice (`n`) and samples each choice's first token;
+  3. runs ONE batched decode step for every choice that was already running: per-sequence Mamba states
+     are stacked into [B, ...] tensors, attention KV caches of different lengths are padded and masked,
+     and the MLP / projections run as one batch.
+
+A request with n choices is prefilled once: the forked states share the prompt's tensors (the model
+replaces a state's tensors when it advances, never writes into them), so a fork costs no copy.
+Logit processing, logprobs and grammar masks: `model.sampling` and `model.grammar`.
 
 Threading: `add` and `cancel` may be called from any thread (they only touch queues under a lock);
 `step` must be called from one thread at a time (it takes the queued work under the same lock and
@@ -19,27 +23,46 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from nemovl_trt.model.nemotron_h import SequenceState
-from nemovl_trt.model.sampling import SamplingParams, make_generator, sample_token
+from nemovl_trt.model.mamba2 import MambaState
+from nemovl_trt.model.nemotron_h import KVCache, SequenceState
+from nemovl_trt.model.sampling import (
+    History,
+    SamplingParams,
+    choice_seed,
+    draw,
+    make_generator,
+    process_logits,
+    token_logprobs,
+)
 from nemovl_trt.model.vlm import NemotronVLM
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 
+TopLogprobs = tuple[tuple[int, float], ...]
+
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One event of a request: a new token (token_id), and whether the request has finished.
-    finish_reason is None while running, then "stop", "length" or "cancelled" (token_id None)."""
+    """One event of a request's choice: a new token (token_id), and whether the choice has finished.
+    finish_reason is None while running, then "stop", "length" or "cancelled" (token_id None).
+    `index` is the choice; `logprob` / `top_logprobs` are set when the request asked for logprobs;
+    `prompt_logprobs` (first event of choice 0 only, when asked) has one entry per prompt token, the first
+    None (nothing precedes it)."""
 
     request_id: str
     token_id: int | None
     finished: bool
     finish_reason: str | None
+    index: int = 0
+    logprob: float | None = None
+    top_logprobs: TopLogprobs = ()
+    prompt_logprobs: tuple[tuple[float, TopLogprobs] | None, ...] | None = None
 
 
 @dataclass
@@ -48,10 +71,31 @@ class _Request:
     input_ids: list[int]
     mm_embeddings: torch.Tensor | None
     params: SamplingParams
+    open_choices: int = 0
+    skip: set[int] = field(default_factory=set)  # choices cancelled before the prefill
+
+
+@dataclass
+class _Choice:
+    req: _Request
+    index: int
     generator: torch.Generator
     state: SequenceState | None = None
     last_token: int = -1
     generated: list[int] = field(default_factory=list)
+    history: History | None = None
+    matcher: Any = None  # model.grammar.Matcher
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.req.request_id, self.index
+
+
+def fork_state(state: SequenceState) -> SequenceState:
+    """A second sequence continuing from `state`: new state objects over the same tensors (the model only
+    ever replaces them when it advances, so the two sequences never see each other's tokens)."""
+    return SequenceState(mamba={i: MambaState(conv=s.conv, ssm=s.ssm) for i, s in state.mamba.items()},
+                         kv={i: KVCache(k=c.k, v=c.v) for i, c in state.kv.items()}, num_tokens=state.num_tokens)
 
 
 class ReferenceEngine:
@@ -72,10 +116,11 @@ class ReferenceEngine:
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = int(max_seq_len or model.cfg.max_sequence_length)
+        self.prefill_tokens = 0  # prompt tokens computed so far (n choices share one prefill)
         self._lock = threading.Lock()
         self._pending: list[_Request] = []
-        self._cancel: set[str] = set()
-        self._running: dict[str, _Request] = {}  # only touched by step()
+        self._cancel: set[tuple[str, int | None]] = set()
+        self._running: dict[tuple[str, int], _Choice] = {}  # only touched by step()
         self._known: set[str] = set()  # ids pending or running (under the lock)
 
     # ----------------------------------------------------------------------------------- public API
@@ -84,14 +129,14 @@ class ReferenceEngine:
         """Queue a request; it is prefilled at the next step. mm_embeddings [M,D] or [N,P,D] fill, in
         order, the prompt positions whose id is the config's img_context_token_id. Raises ValueError
         for a duplicate id, an empty or too long prompt, bad params or a placeholder/embedding mismatch."""
-        params.validate()
+        vocab = self.model.cfg.llm.vocab_size
+        params.validate(vocab)
         ids = [int(t) for t in input_ids]
         if not ids:
             raise ValueError("the prompt has no tokens.")
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model allows at most "
                              f"{self.max_seq_len - 1} before generating.")
-        vocab = self.model.cfg.llm.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab}).")
         n_slots = sum(1 for t in ids if t == self.model.cfg.img_context_token_id)
@@ -99,19 +144,19 @@ class ReferenceEngine:
         if n_slots != n_rows:
             raise ValueError(f"the prompt has {n_slots} image-context tokens but {n_rows} image embedding "
                              f"rows were given.")
-        req = _Request(request_id, ids, mm_embeddings, params, make_generator(params.seed))
+        req = _Request(request_id, ids, mm_embeddings, params, open_choices=params.n)
         with self._lock:
             if request_id in self._known:
                 raise ValueError(f"request id '{request_id}' is already in use.")
             self._known.add(request_id)
             self._pending.append(req)
 
-    def cancel(self, request_id: str) -> None:
-        """Ask for a request to stop; it reports "cancelled" at the next step (unknown or already
-        finished ids are ignored)."""
+    def cancel(self, request_id: str, index: int | None = None) -> None:
+        """Ask for a request (or one of its choices) to stop; it reports "cancelled" at the next step
+        (unknown or already finished ids are ignored)."""
         with self._lock:
             if request_id in self._known:
-                self._cancel.add(request_id)
+                self._cancel.add((request_id, index))
 
     def has_work(self) -> bool:
         """True while any request is queued, running or waiting to report its cancellation."""
@@ -124,77 +169,139 @@ class ReferenceEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Advance every request by (at most) one token; returns the events of this step."""
+        """Advance every choice by (at most) one token; returns the events of this step."""
         with self._lock:
             new, self._pending = self._pending, []
             cancels, self._cancel = self._cancel, set()
         out: list[StepOutput] = []
-        for rid in cancels:
-            gone = self._running.pop(rid, None)
-            if gone is None:
-                kept = [r for r in new if r.request_id != rid]
-                if len(kept) == len(new):
-                    continue
-                new = kept
-            out.append(StepOutput(rid, None, True, FINISH_CANCELLED))
-            self._forget(rid)
+        for rid, index in cancels:
+            out.extend(self._apply_cancel(rid, index, new))
+        new = [r for r in new if r.open_choices > 0]
         decoding = list(self._running.values())
         for req in new:
-            out.append(self._prefill(req))
+            out.extend(self._prefill(req))
         size = self.max_batch_size or max(1, len(decoding))
         for start in range(0, len(decoding), size):
             out.extend(self._decode(decoding[start:start + size]))
         return out
 
     # ------------------------------------------------------------------------------------ internals
-    def _forget(self, rid: str) -> None:
-        with self._lock:
-            self._known.discard(rid)
+    def _apply_cancel(self, rid: str, index: int | None, new: list[_Request]) -> list[StepOutput]:
+        out = []
+        choices = [c for k, c in self._running.items() if k[0] == rid and (index is None or k[1] == index)]
+        for c in choices:
+            self._running.pop(c.key, None)
+            out.append(self._close(c.req, c.index, FINISH_CANCELLED))
+        for r in new:  # not prefilled yet: every choice (or the one asked) ends now
+            if r.request_id == rid:
+                for i in range(r.params.n) if index is None else [index]:
+                    if 0 <= i < r.params.n and i not in r.skip:
+                        r.skip.add(i)
+                        out.append(self._close(r, i, FINISH_CANCELLED))
+        return out
 
-    def _prefill(self, req: _Request) -> StepOutput:
+    def _close(self, req: _Request, index: int, reason: str, token: int | None = None, **lp: Any) -> StepOutput:
+        req.open_choices -= 1
+        if req.open_choices <= 0:
+            with self._lock:
+                self._known.discard(req.request_id)
+        return StepOutput(req.request_id, token, True, reason, index=index, **lp)
+
+    def _prefill(self, req: _Request) -> list[StepOutput]:
         lm = self.model.language_model
         emb = self.model.embed(req.input_ids, req.mm_embeddings)  # [L,D]
         req.mm_embeddings = None
-        req.state = lm.new_state()
+        state = lm.new_state()
         size = self.prefill_chunk or emb.shape[0]
+        want_prompt = req.params.prompt_logprobs is not None
+        pieces = []
         for start in range(0, emb.shape[0], size):  # continued prefill from the state of the last piece
-            logits = lm.forward_embeds(emb[None, start:start + size], [req.state], last_only=True)  # [1,V]
-        self._running[req.request_id] = req
-        return self._accept(req, logits[0])
+            logits = lm.forward_embeds(emb[None, start:start + size], [state], last_only=not want_prompt)
+            pieces.append(logits[0])
+        self.prefill_tokens += emb.shape[0]
+        last = pieces[-1] if not want_prompt else pieces[-1][-1]
+        prompt_lp = self._prompt_logprobs(req, torch.cat(pieces, dim=0)) if want_prompt else None
+        indices = [i for i in range(req.params.n) if i not in req.skip]
+        out = []
+        for j, i in enumerate(indices):
+            c = _Choice(req, i, make_generator(choice_seed(req.params.seed, i)),
+                        state=state if j == 0 else fork_state(state))
+            if req.params.needs_history:
+                c.history = History(last.shape[-1], req.input_ids, device=last.device)
+            if req.params.grammar is not None:
+                c.matcher = req.params.grammar.matcher()
+            self._running[c.key] = c
+            out.append(self._accept(c, last, prompt_lp if j == 0 else None))
+        return out
 
-    def _decode(self, batch: list[_Request]) -> list[StepOutput]:
+    def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> tuple:
+        """logits [L,V] of the prompt positions → per prompt token (logprob, top alternatives); position j
+        predicts token j+1, so the first token has none. Raw distribution: bias only (no history yet)."""
+        k = int(req.params.prompt_logprobs or 0)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        out: list[tuple[float, TopLogprobs] | None] = [None]
+        for j, tok in enumerate(req.input_ids[1:]):
+            row = lp[j]
+            top: TopLogprobs = ()
+            if k:
+                vals, ids = torch.topk(row, min(k, row.shape[-1]))
+                top = tuple((int(a), float(b)) for a, b in zip(ids.tolist(), vals.tolist(), strict=True))
+            out.append((float(row[tok]), top))
+        return tuple(out)
+
+    def _decode(self, batch: list[_Choice]) -> list[StepOutput]:
         lm = self.model.language_model
         device = lm.lm_head.weight.device
-        ids = torch.tensor([[r.last_token] for r in batch], dtype=torch.int64, device=device)  # [B,1]
-        logits = lm.forward_embeds(lm.embed_tokens(ids), [r.state for r in batch], last_only=True)  # [B,V]
-        return [self._accept(r, logits[i]) for i, r in enumerate(batch)]
+        ids = torch.tensor([[c.last_token] for c in batch], dtype=torch.int64, device=device)  # [B,1]
+        logits = lm.forward_embeds(lm.embed_tokens(ids), [c.state for c in batch], last_only=True)  # [B,V]
+        return [self._accept(c, logits[i]) for i, c in enumerate(batch)]
 
-    def _accept(self, req: _Request, logits: torch.Tensor) -> StepOutput:
-        """Sample from logits [V], record the token, decide whether the request is finished."""
-        tok = sample_token(logits, req.params, req.generator)
-        req.generated.append(tok)
-        req.last_token = tok
+    def _accept(self, c: _Choice, logits: torch.Tensor, prompt_lp: tuple | None = None) -> StepOutput:
+        """Process logits [V], draw the choice's token, record it, decide whether the choice is finished."""
+        p = c.req.params
+        allowed = c.matcher.allowed().to(logits.device) if c.matcher is not None else None
+        if allowed is not None and not bool(allowed.any()):  # the grammar has nothing left: end here
+            self._running.pop(c.key, None)
+            return self._close(c.req, c.index, FINISH_STOP, prompt_logprobs=prompt_lp)
+        scaled = process_logits(logits, p, c.history, allowed)
+        tok = draw(scaled, p, c.generator)
+        lp: dict[str, Any] = {"prompt_logprobs": prompt_lp}
+        if p.logprobs is not None:
+            lp["logprob"], lp["top_logprobs"] = token_logprobs(scaled, tok, p.logprobs)
+        c.generated.append(tok)
+        c.last_token = tok
+        if c.history is not None:
+            c.history.add(tok)
         reason = None
-        if tok in req.params.stop_token_ids or (not req.params.ignore_eos and tok in self.eos_ids):
+        is_eos = tok in self.eos_ids
+        if c.matcher is not None:
+            if is_eos:
+                reason = FINISH_STOP  # the grammar allowed the end (its output is complete)
+            else:
+                c.matcher.consume(tok)
+                if c.matcher.done:
+                    reason = FINISH_STOP
+        if reason is None and (tok in p.stop_token_ids or (not p.ignore_eos and is_eos)):
             reason = FINISH_STOP
-        elif (len(req.generated) >= req.params.max_new_tokens
-              or len(req.input_ids) + len(req.generated) >= self.max_seq_len):
+        elif reason is None and (len(c.generated) >= p.max_new_tokens
+                                 or len(c.req.input_ids) + len(c.generated) >= self.max_seq_len):
             reason = FINISH_LENGTH
-        if reason is not None:
-            self._running.pop(req.request_id, None)
-            req.state = None
-            self._forget(req.request_id)
-        return StepOutput(req.request_id, tok, reason is not None, reason)
+        if reason is None:
+            return StepOutput(c.req.request_id, tok, False, None, index=c.index, **lp)
+        self._running.pop(c.key, None)
+        c.state = None
+        return self._close(c.req, c.index, reason, tok, **lp)
 
 
 def generate(model: NemotronVLM, input_ids: Sequence[int], mm_embeddings: torch.Tensor | None = None,
              params: SamplingParams | None = None, eos_ids: Sequence[int] = ()) -> list[int]:
-    """Generate for one prompt with a private engine; returns the new token ids (stop token included)."""
+    """Generate for one prompt with a private engine; returns the new token ids (stop token included) of
+    choice 0."""
     engine = ReferenceEngine(model, eos_ids)
     engine.add("generate", input_ids, mm_embeddings, params or SamplingParams())
     tokens: list[int] = []
     while engine.has_work():
         for ev in engine.step():
-            if ev.token_id is not None:
+            if ev.token_id is not None and ev.index == 0:
                 tokens.append(ev.token_id)
     return tokens

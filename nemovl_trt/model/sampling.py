@@ -196,4 +196,5 @@ def token_logprobs(scaled: torch.Tensor, token: int, k: int) -> tuple[float, tup
     if k <= 0:
         return chosen, ()
     vals, ids = torch.topk(lp, min(k, lp.shape[-1]))
-    return chosen, tuple((int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True))
+    return chosen, tuple((int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
+                         if math.isfinite(v))  # tokens a grammar forbids are not alternatives

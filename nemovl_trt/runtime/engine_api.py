@@ -16,8 +16,11 @@ import numpy as np
 class Sink(Protocol):
     """Where a request's outputs go."""
 
-    def send(self, token_ids: list[int], finish_reason: str) -> None:
-        """Stream new ids; a non-empty `finish_reason` means this is the last call."""
+    def send(self, token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
+             done: bool | None = None) -> None:
+        """Stream new ids of choice `index`; a non-empty `finish_reason` ends that choice. `done` marks the
+        request's last call (None: the same as a non-empty finish_reason, the n = 1 case). `logprobs`:
+        {"tokens": [[logprob, [[id, logprob], ...]], ...] aligned with token_ids, "prompt": [...]?}."""
 
     def is_cancelled(self) -> bool:
         """True when the requester went away."""
@@ -29,8 +32,9 @@ class GenRequest:
 
     input_ids: prompt ids [L], image-context tokens already expanded (EVS applied for video).
     mm_embeddings: float [M, llm_hidden] with M = number of image-context ids in `input_ids`, or None.
-    sampling: max_new_tokens (required), temperature, top_p, top_k, seed, stop_token_ids, ignore_eos
-    (docs/interfaces.md)."""
+    sampling: max_new_tokens (required), temperature, top_p, top_k, seed, stop_token_ids, ignore_eos, n,
+    frequency_penalty, presence_penalty, repetition_penalty, logit_bias {id: bias}, logprobs,
+    prompt_logprobs, guided (a `model.grammar` spec) (docs/interfaces.md)."""
 
     request_id: str
     input_ids: list[int]

@@ -53,7 +53,9 @@ class ContinuousBatcher:
         self.to_tensor = to_tensor
         self._pending: deque[GenRequest] = deque()
         self._cancel_ids: set[str] = set()
+        self._cancel_choices: set[tuple[str, int]] = set()
         self._active: dict[str, GenRequest] = {}
+        self._open: dict[str, set[int]] = {}  # choices of an active request that have not finished
         self._cond = threading.Condition()
         self._stop = False
         self.stats = BatcherStats()
@@ -69,12 +71,15 @@ class ContinuousBatcher:
             self.stats.submitted += 1
             self._cond.notify()
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request; returns whether it was known."""
+    def cancel(self, request_id: str, index: int | None = None) -> bool:
+        """Cancel a queued or running request (or only its choice `index`); returns whether it was known."""
         with self._cond:
             known = request_id in self._active or any(r.request_id == request_id for r in self._pending)
             if known:
-                self._cancel_ids.add(request_id)
+                if index is None:
+                    self._cancel_ids.add(request_id)
+                else:
+                    self._cancel_choices.add((request_id, int(index)))
                 self._cond.notify()
             return known
 
@@ -93,30 +98,45 @@ class ContinuousBatcher:
         self._thread.join(timeout=10)
 
     # ---- loop ----
-    def _finish(self, req: GenRequest, reason: str, ids: list[int] | None = None) -> None:
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        """End a whole request with one final message (cancelled: queued, by id, or requester gone)."""
         self._active.pop(req.request_id, None)
+        self._open.pop(req.request_id, None)
+        self._count(req, reason)
+        try:
+            req.sink.send([], reason, done=True)
+        except Exception:  # noqa: BLE001 - the requester is gone; nothing else to do
+            pass
+
+    def _count(self, req: GenRequest, reason: str) -> None:
         if reason == "cancelled":
             self.stats.cancelled += 1
             self.stats.cancelled_ids.append(req.request_id)
         else:
             self.stats.completed += 1
-        try:
-            req.sink.send(ids or [], reason)
-        except Exception:  # noqa: BLE001 - the requester is gone; nothing else to do
-            pass
+
+    def _slots(self) -> int:
+        return sum(_choices(r) for r in self._active.values())
 
     def _admit(self) -> None:
         """Move queued requests into the engine (up to the batch limit) and apply cancels."""
         with self._cond:
             cancels, self._cancel_ids = self._cancel_ids, set()
+            choice_cancels, self._cancel_choices = self._cancel_choices, set()
             for rid in cancels:
                 queued = [r for r in self._pending if r.request_id == rid]
                 for r in queued:
                     self._pending.remove(r)
                     self._finish(r, "cancelled")
             admit = []
-            while self._pending and len(self._active) + len(admit) < self.max_batch_size:
+            slots = self._slots()
+            while self._pending and (not admit and not self._active
+                                     or slots + _choices(self._pending[0]) <= self.max_batch_size):
+                slots += _choices(self._pending[0])
                 admit.append(self._pending.popleft())
+        for rid, index in choice_cancels:
+            if rid in self._active:
+                self.engine.cancel(rid, index)
         for rid in cancels:
             req = self._active.get(rid)
             if req is not None:
@@ -124,12 +144,17 @@ class ContinuousBatcher:
                 self._finish(req, "cancelled")
         for req in admit:
             try:
+                n = _choices(req)
+                if n > self.max_batch_size:
+                    raise ValueError(f"[invalid_parameter] n = {n} is more than this engine's batch of "
+                                     f"{self.max_batch_size} sequences.")
                 self.engine.add(req.request_id, req.input_ids, self.to_tensor(req.mm_embeddings),
                                 self.make_sampling(req.sampling))
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 self._fail(req, e)
                 continue
             self._active[req.request_id] = req
+            self._open[req.request_id] = set(range(n))
         # Requesters that went away leave the batch (each check is an IPC round trip: throttled).
         now = time.monotonic()
         if now - self._last_cancel_poll < self.cancel_poll_s:
@@ -144,7 +169,7 @@ class ContinuousBatcher:
         """Report `error` to that request alone (its caller may already be gone)."""
         self.stats.failed += 1
         try:
-            req.sink.send([], f"error:{error}")
+            req.sink.send([], f"error:{error}", done=True)
         except Exception:  # noqa: BLE001
             pass
 
@@ -168,36 +193,65 @@ class ContinuousBatcher:
                     self._fail(req, e)
                 continue
             self.stats.steps += 1
-            by_req: dict[str, tuple[list[int], str]] = {}
-            for out in outs:
-                ids, reason = by_req.get(out.request_id, ([], ""))
-                if out.token_id is not None and out.token_id >= 0:
-                    ids.append(int(out.token_id))
-                if out.finished:
-                    reason = out.finish_reason or "stop"
-                by_req[out.request_id] = (ids, reason)
-            for rid, (ids, reason) in by_req.items():
-                req = self._active.get(rid)
-                if req is None:
-                    continue
-                if reason:
-                    self._finish(req, reason, ids)
-                else:
-                    try:
-                        req.sink.send(ids, "")
-                    except Exception:  # noqa: BLE001 - requester gone: leave the batch
-                        self.engine.cancel(rid)
-                        self._finish(req, "cancelled")
+            self._deliver(outs)
+
+    def _deliver(self, outs: list[Any]) -> None:
+        """Engine events → one message per (request, choice) of this step; the request's last one is final."""
+        by_choice: dict[tuple[str, int], dict[str, Any]] = {}
+        for out in outs:
+            ent = by_choice.setdefault((out.request_id, out.index), {"ids": [], "lps": [], "reason": "",
+                                                                     "prompt": None})
+            if out.token_id is not None and out.token_id >= 0:
+                ent["ids"].append(int(out.token_id))
+                if out.logprob is not None:
+                    ent["lps"].append([out.logprob, [list(t) for t in out.top_logprobs]])
+            if out.prompt_logprobs is not None:
+                ent["prompt"] = [None if p is None else [p[0], [list(t) for t in p[1]]]
+                                 for p in out.prompt_logprobs]
+            if out.finished:
+                ent["reason"] = out.finish_reason or "stop"
+        for (rid, index), ent in by_choice.items():
+            req = self._active.get(rid)
+            if req is None:
+                continue
+            open_ = self._open.setdefault(rid, set())
+            if ent["reason"]:
+                open_.discard(index)
+            done = not open_
+            payload = None
+            if ent["lps"] or ent["prompt"] is not None:
+                payload = {"tokens": ent["lps"]}
+                if ent["prompt"] is not None:
+                    payload["prompt"] = ent["prompt"]
+            try:
+                req.sink.send(ent["ids"], ent["reason"], index=index, logprobs=payload, done=done)
+            except Exception:  # noqa: BLE001 - requester gone: leave the batch
+                self.engine.cancel(rid)
+                self._finish(req, "cancelled")
+                continue
+            if done:
+                self._active.pop(rid, None)
+                self._open.pop(rid, None)
+                self._count(req, ent["reason"])
+
+
+def _choices(req: GenRequest) -> int:
+    try:
+        return max(1, int(req.sampling.get("n") or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int,
                             dtype: str | None = None) -> ContinuousBatcher:
     """Load the cpu-target LLM (the checkpoint the build put in the engines dir's `llm/`) into a
-    ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...)."""
+    ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...).
+    Structured-output specs are compiled for the checkpoint's tokenizer (`model.grammar`)."""
     import torch
 
     from nemovl_trt.checkpoint.loader import load_checkpoint
     from nemovl_trt.model.engine import ReferenceEngine, SamplingParams
+    from nemovl_trt.model.grammar import GrammarCompiler
     from nemovl_trt.model.vlm import NemotronVLM
 
     ckpt = load_checkpoint(checkpoint_dir)
@@ -205,24 +259,50 @@ def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int,
     eos = tuple(ckpt.generation.eos_token_ids) or tuple(ckpt.tokenizer.eos_ids)
     engine = ReferenceEngine(model, eos, max_batch_size=max_batch_size)
     model_dtype = model.language_model.dtype
+    grammars = GrammarCompiler.for_tokenizer(ckpt.tokenizer, model.cfg.llm.vocab_size, list(eos))
 
     def make_sampling(opts: dict[str, Any]) -> Any:
-        return sampling_params_from(SamplingParams, opts)
+        return sampling_params_from(SamplingParams, opts, grammars)
 
     def to_tensor(arr: np.ndarray | None) -> Any:
         if arr is None or arr.size == 0:
             return None
         return torch.from_numpy(np.ascontiguousarray(arr)).to(model_dtype)
 
-    return ContinuousBatcher(engine, make_sampling, max_batch_size, to_tensor)
+    batcher = ContinuousBatcher(engine, make_sampling, max_batch_size, to_tensor)
+    batcher.grammars = grammars
+    return batcher
 
 
-def sampling_params_from(cls: Any, opts: dict[str, Any]) -> Any:
+def sampling_params_from(cls: Any, opts: dict[str, Any], grammars: Any = None) -> Any:
     """Build the engine's SamplingParams from the request options (field names of docs/interfaces.md).
-    The model's eos ids are handled by the engine (unless `ignore_eos`)."""
+    The model's eos ids are handled by the engine (unless `ignore_eos`). `guided` (a `model.grammar` spec)
+    is compiled with `grammars`; a spec it cannot compile is a ValueError "[invalid_json_schema] ..."."""
     seed = opts.get("seed")
+    grammar = None
+    spec = opts.get("guided")
+    if spec:
+        if grammars is None:
+            raise ValueError("[unsupported_parameter] this engine has no grammar compiler for structured output.")
+        from nemovl_trt.model.grammar import GrammarError
+
+        try:
+            grammar = grammars.compile(spec)
+        except GrammarError as e:
+            raise ValueError(f"[invalid_json_schema] {e.message}") from None
+
+    def opt_int(key: str) -> int | None:
+        v = opts.get(key)
+        return None if v is None else int(v)
+
+    bias = opts.get("logit_bias") or {}
     return cls(max_new_tokens=int(opts["max_new_tokens"]), temperature=float(opts.get("temperature", 0.0)),
                top_p=float(opts.get("top_p", 1.0)), top_k=int(opts.get("top_k", 0)),
                seed=int(seed) if seed is not None else None,
                stop_token_ids=tuple(int(t) for t in (opts.get("stop_token_ids") or ())),
-               ignore_eos=bool(opts.get("ignore_eos", False)))
+               ignore_eos=bool(opts.get("ignore_eos", False)), n=int(opts.get("n") or 1),
+               frequency_penalty=float(opts.get("frequency_penalty") or 0.0),
+               presence_penalty=float(opts.get("presence_penalty") or 0.0),
+               repetition_penalty=float(opts.get("repetition_penalty") or 1.0),
+               logit_bias=tuple(sorted((int(k), float(v)) for k, v in bias.items())),
+               logprobs=opt_int("logprobs"), prompt_logprobs=opt_int("prompt_logprobs"), grammar=grammar)

@@ -12,11 +12,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemovl_trt.server.errors import APIError, invalid, not_supported
+from nemovl_trt.server.errors import APIError, invalid
+from nemovl_trt.server.fields import boolean, integer, number
+from nemovl_trt.server.response_format import response_format_spec, tool_call_spec
+from nemovl_trt.server.sampling_schema import (
+    MAX_N,
+    MAX_STOP,
+    MAX_TOP_LOGPROBS,
+    Limits,
+    Sampling,
+    parse_sampling,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP = 4
-MAX_TOP_LOGPROBS = 20
+__all__ = ["MAX_N", "MAX_STOP", "MAX_TOP_LOGPROBS", "ChatRequest", "MediaRef", "ModelLimits", "parse_chat_request"]
 _TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -54,52 +63,10 @@ class ChatRequest:
     include_usage: bool = False
     reasoning_hint: bool = False  # /think requested (last of /think, /no_think in system prompts)
     extra: dict[str, Any] = field(default_factory=dict)
+    sampling: Sampling = field(default_factory=Sampling)  # n, logprobs, stream flags
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
-            param: str | None = None) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    p = param or name
-    if not _is_num(v):
-        raise invalid(f"'{p}' must be a number.", p)
-    if (v < lo or (lo_open and v == lo)) or (v > hi or (hi_open and v == hi)):
-        lb = "(" if lo_open else "["
-        hb = ")" if hi_open else "]"
-        raise invalid(f"'{p}' must be in {lb}{lo:g}, {hi:g}{hb}; got {v}.", p)
-    return float(v)
-
-
-def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None, param: str | None = None) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    p = param or name
-    if not _is_int(v):
-        raise invalid(f"'{p}' must be an integer.", p)
-    if lo is not None and v < lo:
-        raise invalid(f"'{p}' must be at least {lo}; got {v}.", p)
-    if hi is not None and v > hi:
-        raise invalid(f"'{p}' must be at most {hi}; got {v}.", p)
-    return v
-
-
-def _bool(body: dict, name: str, param: str | None = None) -> bool | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise invalid(f"'{param or name}' must be a boolean.", param or name)
-    return v
+_number, _integer, _bool = number, integer, boolean
 
 
 def _media_url(part: dict, key: str, param: str) -> str:
@@ -154,6 +121,7 @@ def _reasoning_requested(messages: list[dict[str, Any]]) -> bool:
 
 
 def _validate_tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool]:
+    """(tools sent to the template, whether the output is parsed for calls)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is None:
@@ -264,75 +232,18 @@ def parse_chat_request(body: Any, limits: ModelLimits) -> ChatRequest:
                       images[limits.max_images].param, code="too_many_images")
 
     params: dict[str, Any] = {}
-    t = _number(body, "temperature", 0.0, 2.0)
-    if t is not None:
-        params["temperature"] = t
-    tp = _number(body, "top_p", 0.0, 1.0, lo_open=True)
-    if tp is not None:
-        params["top_p"] = tp
-    tk = _integer(body, "top_k", -1)
-    if tk is not None:
-        params["top_k"] = max(tk, 0)  # -1 and 0 both mean "off"
-    seed = _integer(body, "seed")
-    if seed is not None:
-        params["seed"] = seed
-    for pen in ("frequency_penalty", "presence_penalty"):
-        v = _number(body, pen, -2.0, 2.0)
-        if v:  # 0 is the identity; anything else would change the answer and the engine has no penalties
-            raise not_supported(f"'{pen}' other than 0 is not supported by this engine.", pen)
-    if body.get("repetition_penalty") not in (None, 1, 1.0):
-        raise not_supported("'repetition_penalty' other than 1 is not supported by this engine.", "repetition_penalty")
-    max_tokens = _integer(body, "max_tokens", 1)
-    mct = _integer(body, "max_completion_tokens", 1)
-    if mct is not None:
-        max_tokens = mct
-    if max_tokens is not None:
-        if limits.max_seq_len is not None and max_tokens >= limits.max_seq_len:
-            raise APIError(400, f"max_tokens ({max_tokens}) leaves no room for the prompt in the "
-                                f"{limits.max_seq_len}-token context.", code="context_length_exceeded",
-                           param="max_completion_tokens" if mct is not None else "max_tokens")
-        params["max_tokens"] = max_tokens
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
-            raise invalid("'stop' must be a non-empty string or a list of non-empty strings.", "stop")
-        if len(stop) > MAX_STOP:
-            raise invalid(f"'stop' accepts at most {MAX_STOP} strings.", "stop")
-        if stop:
-            params["stop"] = stop
-    ignore_eos = _bool(body, "ignore_eos")
-    if ignore_eos:
-        params["ignore_eos"] = True
-    n = _integer(body, "n", 1)
-    if n is not None and n != 1:
-        raise not_supported("Only 'n' = 1 is supported.", "n")
-    logprobs = _bool(body, "logprobs")
-    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-    if top_logprobs and not logprobs:
-        raise invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
-    if logprobs:
-        raise not_supported("'logprobs' is not supported by this server.", "logprobs")
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-            raise invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'.", "response_format")
-        if rf["type"] != "text":
-            raise not_supported(f"'response_format' {rf['type']} needs constrained decoding, which this engine does "
-                                "not have.", "response_format")
-    stream = _bool(body, "stream") or False
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not stream:
-            raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        if not isinstance(so, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include_usage = bool(_bool(so, "include_usage", "stream_options.include_usage"))
+    sampling = parse_sampling(body, Limits(limits.max_seq_len), params, chat=True)
     _bool(body, "parallel_tool_calls")
     tools, parse_tools = _validate_tools(body)
+    guided = response_format_spec(body)
+    forced = tool_call_spec(tools, body.get("tool_choice"), body.get("parallel_tool_calls")) if tools else None
+    if guided is not None and forced is not None:
+        raise invalid("'response_format' and a forced tool call ('tool_choice' required or named) cannot be "
+                      "combined.", "response_format")
+    if guided or forced:
+        params["guided"] = guided or forced
     _nim_extensions(body, limits, params)
     return ChatRequest(model=model, messages=messages, images=images, video=videos[0] if videos else None,
-                       params=params, tools=tools, parse_tools=parse_tools, stream=stream,
-                       include_usage=include_usage, reasoning_hint=_reasoning_requested(messages) and not videos)
+                       params=params, tools=tools, parse_tools=parse_tools, stream=sampling.stream,
+                       include_usage=sampling.include_usage,
+                       reasoning_hint=_reasoning_requested(messages) and not videos, sampling=sampling)

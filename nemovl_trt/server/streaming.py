@@ -75,11 +75,28 @@ class OutputAssembler:
 
 
 def chunk(cid: str, created: int, model: str, delta: dict[str, Any] | None,
-          finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+          finish_reason: str | None = None, *, index: int = 0, logprobs: dict[str, Any] | None = None,
+          **extra: Any) -> dict[str, Any]:
     """A `chat.completion.chunk` with one choice (or none when `delta` is None: the usage chunk)."""
     obj: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": []}
     if delta is not None:
-        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        obj["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     obj.update(extra)
     return obj
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nemovl model's logprob entries → chat's `logprobs.content` items (token, logprob, bytes,
+    top_logprobs)."""
+    return [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
+                              for t in e.get("top_logprobs", [])]} for e in entries]
+
+
+def merge_deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate two deltas (text fields joined, tool call lists appended)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out[k] + v if k in out else v
+    return out

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from nemovl_trt.server.errors import APIError
 
-OUTPUTS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "info")
+OUTPUTS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "info", "index", "logprobs")
 _CODE_RE = re.compile(r"^\s*\[([a-z0-9_]+)\]\s*(.*)$", re.S)
 # Codes that mean the request itself was wrong; everything the preprocessor raises is one of these or
 # another lower_snake code in brackets — all of them map to 400.
@@ -38,8 +38,10 @@ class TritonChunk:
     token_ids: list[int]
     finish_reason: str  # "" while streaming; then "stop" | "length" | "cancelled"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of this choice
     info: dict[str, Any] | None  # first response only
+    index: int = 0  # the choice
+    logprobs: dict[str, Any] | None = None  # {"content": [...], "prompt"?: [...]} when asked
 
 
 @dataclass
@@ -51,6 +53,11 @@ class TritonRequest:
     video: bytes | None = None
     tools: list[dict[str, Any]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    prompt: str | list[int] | None = None  # a raw prompt (/v1/completions) instead of the chat template
+
+    @property
+    def n(self) -> int:
+        return int(self.params.get("n") or 1)
 
 
 def map_triton_error(message: str) -> APIError:
@@ -82,6 +89,8 @@ def build_inputs(req: TritonRequest) -> list[grpcclient.InferInput]:
     if req.tools:
         inputs.append(_bytes_input("tools", [json.dumps(req.tools, ensure_ascii=False).encode()]))
     inputs.append(_bytes_input("params", [json.dumps(req.params).encode()]))
+    if req.prompt is not None:
+        inputs.append(_bytes_input("prompt", [json.dumps(req.prompt, ensure_ascii=False).encode()]))
     return inputs
 
 
@@ -106,12 +115,18 @@ def parse_result(result: Any) -> TritonChunk:
         info = json.loads(info_text) if info_text else None
     except json.JSONDecodeError:
         info = None
+    lp_text = _scalar_str(result, "logprobs")
+    try:
+        logprobs = json.loads(lp_text) if lp_text else None
+    except json.JSONDecodeError:
+        logprobs = None
     return TritonChunk(text=_scalar_str(result, "text"),
                        token_ids=[int(x) for x in ids.reshape(-1)] if ids is not None else [],
                        finish_reason=_scalar_str(result, "finish_reason"),
                        prompt_tokens=_scalar_int(result, "prompt_tokens"),
                        completion_tokens=_scalar_int(result, "completion_tokens"),
-                       info=info if isinstance(info, dict) else None)
+                       info=info if isinstance(info, dict) else None, index=_scalar_int(result, "index"),
+                       logprobs=logprobs if isinstance(logprobs, dict) else None)
 
 
 @dataclass
@@ -202,9 +217,11 @@ class TritonPool:
         return best[next(self._rr) % len(best)]
 
     async def generate(self, req: TritonRequest, request_id: str) -> AsyncIterator[TritonChunk]:
-        """Stream `nemovl` responses until one carries a finish_reason. Raises APIError on a Triton error.
-        Closing the iterator before the end cancels the gRPC call (and with it the engine request)."""
+        """Stream `nemovl` responses until every choice has a finish_reason (one "cancelled" ends them all).
+        Raises APIError on a Triton error. Closing the iterator before the end cancels the gRPC call (and with
+        it the engine request)."""
         ep = self._pick()
+        open_choices = set(range(req.n))
         done = asyncio.Event()
         inputs = build_inputs(req)
 
@@ -227,7 +244,9 @@ class TritonPool:
                         raise map_triton_error(error.message())
                     chunk = parse_result(result)
                     if chunk.finish_reason:
-                        finished = True
+                        open_choices.discard(chunk.index)
+                        if not open_choices or chunk.finish_reason == "cancelled":
+                            finished = True
                     yield chunk
                     if finished:
                         return

@@ -23,8 +23,12 @@ NEMOVL_INPUTS = (
     TensorSpec("video", "BYTES", (1,), "encoded video bytes (MP4/MOV/WEBM)", optional=True),
     TensorSpec("tools", "BYTES", (1,), "JSON list of OpenAI tool definitions", optional=True),
     TensorSpec("params", "BYTES", (1,), "JSON object: max_tokens, temperature, top_p, top_k, seed, stop "
-               "(list of str), max_num_tiles, fps, num_frames, video_pruning_rate, ignore_eos",
+               "(list of str), max_num_tiles, fps, num_frames, video_pruning_rate, ignore_eos, n, "
+               "frequency_penalty, presence_penalty, repetition_penalty, logit_bias ({id: bias}), logprobs "
+               "(int: alternatives per token), prompt_logprobs, guided (structured-output spec, docs/api.md)",
                optional=True),
+    TensorSpec("prompt", "BYTES", (1,), "JSON string or list of token ids: a raw prompt used instead of the "
+               "chat template (/v1/completions; send messages as [])", optional=True),
 )
 NEMOVL_OUTPUTS = (
     TensorSpec("text", "BYTES", (1,), "new text since the previous response (complete UTF-8 characters only)"),
@@ -34,6 +38,10 @@ NEMOVL_OUTPUTS = (
     TensorSpec("completion_tokens", "INT32", (1,), "tokens generated so far"),
     TensorSpec("info", "BYTES", (1,), "JSON (first response only, \"\" after): warnings, images, tiles, "
                "frames, evs_pruned_tokens, reasoning"),
+    TensorSpec("index", "INT32", (1,), "the choice these outputs belong to (0 … n-1); text, token_ids, "
+               "finish_reason and completion_tokens are per choice"),
+    TensorSpec("logprobs", "BYTES", (1,), 'JSON ("" unless asked): {"content": [{"token_id", "token", "bytes", '
+               '"logprob", "top_logprobs": [...]}], "prompt": [...] (first response, when asked)}'),
 )
 
 # ---- preprocessor (Python, KIND_CPU; max_batch_size 0) ----
@@ -72,15 +80,19 @@ LLM_INPUTS = (
     TensorSpec("mm_embeddings", "FP32", (-1, -1), "embeddings that replace the image-context "
                "placeholder ids in order [n_placeholders, hidden]", optional=True),
     TensorSpec("sampling", "BYTES", (1,), "JSON: max_new_tokens, temperature, top_p, top_k, seed, "
-               "stop_token_ids, ignore_eos", optional=True),
+               "stop_token_ids, ignore_eos, n, frequency_penalty, presence_penalty, repetition_penalty, "
+               "logit_bias, logprobs, prompt_logprobs, guided", optional=True),
     TensorSpec("request_id", "BYTES", (1,), "id used by a later control cancel", optional=True),
     TensorSpec("control", "BYTES", (1,), 'JSON control message instead of a generation: {"op":"cancel",'
-               '"request_id":...} or {"op":"stats"}', optional=True),
+               '"request_id":..., "index"?: choice} or {"op":"stats"}', optional=True),
 )
 LLM_OUTPUTS = (
     TensorSpec("token_ids", "INT64", (-1,), "token ids generated since the previous response"),
     TensorSpec("finish_reason", "BYTES", (1,), '"" while generating; "stop", "length" or "cancelled"'),
     TensorSpec("info", "BYTES", (1,), "JSON answer of a control message (\"\" for generation responses)"),
+    TensorSpec("index", "INT32", (1,), "the choice the token ids belong to (0 … n-1)"),
+    TensorSpec("logprobs", "BYTES", (1,), 'JSON ("" unless asked): {"tokens": [[logprob, [[id, logprob], ...]], '
+               '...] aligned with token_ids, "prompt": [...] (first response, when asked)}'),
 )
 
 # Model-config parameters of `nemovl` read by the OpenAI frontend (docs/interfaces.md).

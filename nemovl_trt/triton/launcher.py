@@ -7,6 +7,18 @@ and the stub built for the running interpreter, starts the server in its own pro
 environment the stub needs (docs/runtime-notes.md §2: venv `bin` first on PATH, LD_LIBRARY_PATH with the
 interpreter's LIBDIR), waits for `/v2/health/ready`, forwards the log, and on exit stops the server
 (SIGINT, then SIGKILL of the group) and removes the Python-backend shared-memory regions it left.
+
+With `die_with_parent=True` the server is started through a two-line exec wrapper that sets
+PR_SET_PDEATHSIG(SIGKILL) and then execs tritonserver (same pid), so the kernel kills it when the *thread*
+that started it ends (normally: the process is SIGKILLed); the Python-backend stubs notice their parent is
+gone and exit by themselves. No `preexec_fn` (unsafe in a threaded process). `stub_processes()` lists the
+stubs with their model instance and shared-memory region (read from their command lines), which is what the
+supervisor (nemovl_trt/serving/supervisor.py) watches.
+
+Logs go to `log_path`, else `<log_dir>/tritonserver-<pid>-<port>.log` with `log_dir` defaulting to
+`$NEMOVL_LOG_DIR` or `<tmp>/nemovl-<uid>/logs` (never the package tree or the checkout); the log file is
+appended to, so a restarted server keeps its predecessor's log. The backends copy lives under
+`$NEMOVL_CACHE/triton-backends` or `~/.cache/nemovl/triton-backends`.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import urllib.error
@@ -135,8 +148,76 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def default_cache_dir() -> Path:
-    """`$NEMOVL_CACHE` or `.cache/` of the working directory."""
-    return Path(os.environ.get("NEMOVL_CACHE", ".cache")).resolve() / "triton-backends"
+    """`$NEMOVL_CACHE/triton-backends`, else `$XDG_CACHE_HOME` (or `~/.cache`)`/nemovl/triton-backends`, else
+    (no writable home, e.g. a container user) `<tmp>/nemovl-<uid>/triton-backends`."""
+    if os.environ.get("NEMOVL_CACHE"):
+        return Path(os.environ["NEMOVL_CACHE"]).resolve() / "triton-backends"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(base).resolve() / "nemovl" / "triton-backends"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"nemovl-{os.getuid()}" / "triton-backends"  # no writable home
+
+
+def default_log_dir() -> Path:
+    """`$NEMOVL_LOG_DIR`, else `<tmp>/nemovl-<uid>/logs`."""
+    if os.environ.get("NEMOVL_LOG_DIR"):
+        return Path(os.environ["NEMOVL_LOG_DIR"]).resolve()
+    return Path(tempfile.gettempdir()) / f"nemovl-{os.getuid()}" / "logs"
+
+
+# Run as `python -S -c PDEATHSIG_EXEC PARENT_PID BINARY ARGS...`: ask the kernel for SIGKILL when the parent
+# thread ends, give up if the parent already went away (the request would never fire), then become BINARY.
+PDEATHSIG_EXEC = (
+    "import ctypes,os,signal,sys\n"
+    "ctypes.CDLL(None,use_errno=True).prctl(1,int(signal.SIGKILL),0,0,0)\n"  # 1 = PR_SET_PDEATHSIG
+    "os.getppid()==int(sys.argv[1]) or os._exit(70)\n"
+    "os.execv(sys.argv[2],sys.argv[2:])\n"
+)
+
+
+def pdeathsig_command(cmd: list[str], parent_pid: int | None = None) -> list[str]:
+    """`cmd` wrapped so that it is SIGKILLed when its parent (thread) dies; same pid as `cmd` after exec."""
+    return [sys.executable, "-S", "-c", PDEATHSIG_EXEC, str(parent_pid or os.getpid()), *cmd]
+
+
+def pid_alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """A Python-backend stub of a running server, from its command line."""
+
+    pid: int
+    model: str  # model name (the directory above the version)
+    instance: str  # model instance name, e.g. "llm_0_0"
+    shm: Path | None  # its shared-memory region under /dev/shm
+
+
+def stub_info(pid: int) -> StubProcess | None:
+    """Parse `/proc/<pid>/cmdline` of a stub: STUB MODEL_PATH SHM_NAME SIZE GROWTH PARENT_PID BACKEND_DIR
+    IPC_TIMEOUT INSTANCE_NAME KIND (Triton 2.51); None when `pid` is not a stub."""
+    try:
+        argv = [a.decode("utf-8", "replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    if not argv or not argv[0].endswith(STUB_NAME) or len(argv) < 3:
+        return None
+    parts = Path(argv[1]).parts
+    model = parts[-3] if len(parts) >= 3 else argv[1]
+    instance = argv[8] if len(argv) > 8 else model
+    shm = Path("/dev/shm") / argv[2] if argv[2].startswith(SHM_PREFIX) else None
+    return StubProcess(pid=pid, model=model, instance=instance, shm=shm)
 
 
 def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
@@ -176,15 +257,17 @@ class TritonServer:
 
     Ports default to free loopback ports. `engines_dir` (optional) is passed to the models as
     NEMOVL_ENGINES_DIR and overrides the repository's `engines_dir` parameter. The server log goes
-    to `log_path` (default `<cache>/tritonserver-<pid>.log`) and, when `echo` is true, to stderr
-    with a `[tritonserver] ` prefix.
+    to `log_path` (default `<log_dir>/tritonserver-<pid>-<http port>.log`, appended to) and, when `echo`
+    is true, to stderr with a `[tritonserver] ` prefix. `start()` may be called again after `stop()`: the
+    server comes back on the same ports (the supervisor restarts it this way).
     """
 
     def __init__(self, repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, *, host: str = "127.0.0.1",
                  engines_dir: str | Path | None = None, log_path: str | Path | None = None,
                  echo: bool = False, ready_timeout_s: float = 120.0, log_verbose: int = 0,
-                 cache_dir: str | Path | None = None, extra_args: list[str] | None = None) -> None:
+                 cache_dir: str | Path | None = None, extra_args: list[str] | None = None,
+                 log_dir: str | Path | None = None, die_with_parent: bool = False) -> None:
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir()):
             raise TritonLaunchError(f"model repository {self.repo} does not exist.")
@@ -195,12 +278,16 @@ class TritonServer:
         self.engines_dir = Path(engines_dir).resolve() if engines_dir else None
         self.cache_dir = Path(cache_dir).resolve() if cache_dir else default_cache_dir()
         self.log_path = Path(log_path) if log_path else None
+        self.log_dir = Path(log_dir).resolve() if log_dir else default_log_dir()
+        self.die_with_parent = die_with_parent
+        self.starts = 0
         self.echo = echo
         self.ready_timeout_s = ready_timeout_s
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
+        self._abort = threading.Event()
         self._log_thread: threading.Thread | None = None
         self._log_file: IO[bytes] | None = None
         self._tail: list[str] = []
@@ -246,12 +333,17 @@ class TritonServer:
         extra = {ENGINES_ENV: str(self.engines_dir)} if self.engines_dir else {}
         env = server_env(install, extra)
         if self.log_path is None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.log_path = self.cache_dir / f"tritonserver-{os.getpid()}-{self.http_port}.log"
+            self.log_path = self.log_dir / f"tritonserver-{os.getpid()}-{self.http_port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.starts += 1
+        self._log_file.write(f"==== nemovl: tritonserver start #{self.starts} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                             f"====\n".encode())
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(backends, install.binary), env=env, cwd=str(self.repo),
+        cmd = self.command(backends, install.binary)
+        if self.die_with_parent:
+            cmd = pdeathsig_command(cmd)
+        self.proc = subprocess.Popen(cmd, env=env, cwd=str(self.repo),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self._log_thread = threading.Thread(target=self._pump_log, name="tritonserver-log", daemon=True)
@@ -266,10 +358,26 @@ class TritonServer:
         return self
 
     def track_shm(self) -> set[Path]:
-        """Record the shared-memory regions the server's processes use now (removed at stop)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._shm |= shm_regions_mapped_by(group_pids(self.proc.pid))
+        """Record the shared-memory regions the server's processes use now (removed at stop): those they
+        have mapped and those named on the stubs' command lines."""
+        if self.proc is not None:
+            pids = group_pids(self.proc.pid)
+            self._shm |= shm_regions_mapped_by(pids)
+            self._shm |= {st.shm for st in self.stub_processes(pids) if st.shm is not None}
         return set(self._shm)
+
+    def stub_processes(self, pids: list[int] | None = None) -> list[StubProcess]:
+        """The live Python-backend stubs of this server (its process group, zombies left out)."""
+        if self.proc is None:
+            return []
+        found = []
+        for pid in pids if pids is not None else group_pids(self.proc.pid):
+            if pid == self.proc.pid:
+                continue
+            info = stub_info(pid)
+            if info is not None:
+                found.append(info)
+        return found
 
     def _pump_log(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -304,10 +412,16 @@ class TritonServer:
                                         f"starting; see {self.log_path}:\n{self.log_tail()}")
             if self.is_ready():
                 return
+            if self._abort.is_set():
+                raise TritonLaunchError("tritonserver start-up was aborted (the server is stopping).")
             if time.monotonic() - t0 > self.ready_timeout_s:
                 raise TritonLaunchError(f"tritonserver was not ready after {self.ready_timeout_s:.0f} s; "
                                         f"see {self.log_path}:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def abort(self) -> None:
+        """Make a `start()` that is waiting for readiness (in another thread) give up, and every later one."""
+        self._abort.set()
 
     def wait(self) -> int:
         """Block until the server exits; returns its exit status."""
@@ -352,6 +466,7 @@ class TritonServer:
                 region.unlink()
             except FileNotFoundError:
                 pass
+        self._shm = set()
         self.proc = None
 
     def __enter__(self) -> TritonServer:

@@ -39,7 +39,8 @@ class TritonSink:
         self._lock = threading.Lock()
         self._closed = False
 
-    def send(self, token_ids: list[int], finish_reason: str) -> None:
+    def send(self, token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
+             done: bool | None = None) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -52,8 +53,10 @@ class TritonSink:
                 pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
                 pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
                 pb_utils.Tensor("info", bytes_tensor("")),
+                pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
+                pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
             ])
-            if finish_reason:
+            if done if done is not None else bool(finish_reason):
                 self._closed = True
                 self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
@@ -89,7 +92,14 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         kind = op.get("op")
         if kind == "cancel":
-            result = {"cancelled": bool(self.backend.cancel(str(op.get("request_id", ""))))}
+            rid, index = str(op.get("request_id", "")), op.get("index")
+            if index is None:
+                result = {"cancelled": bool(self.backend.cancel(rid))}
+            else:  # one choice of an n > 1 request (engines without choices have only choice 0)
+                try:
+                    result = {"cancelled": bool(self.backend.cancel(rid, int(index)))}
+                except TypeError:
+                    result = {"cancelled": bool(self.backend.cancel(rid))}
         elif kind == "stats":
             result = self.backend.snapshot()
         else:
@@ -101,6 +111,8 @@ class TritonPythonModel:
             pb_utils.Tensor("token_ids", np.zeros((0,), dtype=np.int64)),
             pb_utils.Tensor("finish_reason", bytes_tensor("")),
             pb_utils.Tensor("info", bytes_tensor(json.dumps(result))),
+            pb_utils.Tensor("index", np.zeros((1,), dtype=np.int32)),
+            pb_utils.Tensor("logprobs", bytes_tensor("")),
         ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _submit(self, request: Any) -> None:

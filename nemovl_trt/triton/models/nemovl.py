@@ -134,13 +134,40 @@ class TritonPythonModel:
             chunks.append(_out(resp, self.vision_output).astype(np.float32, copy=False))
         return np.concatenate(chunks, axis=0)
 
-    def _llm_cancel(self, rid: str) -> None:
+    def _llm_cancel(self, rid: str, index: int | None = None) -> None:
+        op: dict[str, Any] = {"op": "cancel", "request_id": rid}
+        if index is not None:
+            op["index"] = index
         req = pb_utils.InferenceRequest(
             model_name=LLM_MODEL, requested_output_names=["info"],
             inputs=[pb_utils.Tensor("input_ids", np.zeros((0,), dtype=np.int64)),
-                    pb_utils.Tensor("control", bytes_tensor(json.dumps({"op": "cancel", "request_id": rid})))])
+                    pb_utils.Tensor("control", bytes_tensor(json.dumps(op)))])
         for _ in req.exec(decoupled=True):
             pass
+
+    def _logprobs(self, lps: str, ids: list[int], stream: TextStream, prompt_ids: Any) -> dict[str, Any] | None:
+        """The llm's logprobs JSON → OpenAI-shaped entries with token text and bytes (eos tokens, which
+        produce no text, are left out)."""
+        if not lps:
+            return None
+        data = json.loads(lps)
+        out: dict[str, Any] = {}
+
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            text, raw = self.ctx.token_piece(tid)
+            return {"token_id": tid, "token": text, "bytes": raw, "logprob": lp}
+
+        def full(tid: int, item: list) -> dict[str, Any]:
+            return {**entry(tid, item[0]), "top_logprobs": [entry(int(a), b) for a, b in item[1]]}
+
+        toks = data.get("tokens") or []
+        out["content"] = [full(tid, item) for tid, item in zip(ids, toks, strict=False)
+                          if tid not in stream.eos_ids]
+        if data.get("prompt") is not None:
+            out["prompt"] = [None if item is None else full(int(tid), item)
+                             for tid, item in zip(prompt_ids.tolist(), data["prompt"], strict=False)]
+            out["prompt"][0] = {**entry(int(prompt_ids[0]), None), "top_logprobs": []}
+        return out
 
     def _run(self, request: Any, sender: Any) -> None:
         input_ids, pixels, info = self._preprocess(request)
@@ -155,11 +182,14 @@ class TritonPythonModel:
                 mm = emb.reshape(-1, emb.shape[-1])
         prompt_tokens = int(input_ids.shape[0])
         if request.is_cancelled():  # the client left during preprocessing / encoding: skip the llm
-            self._send(sender, "", [], "cancelled", prompt_tokens, 0, None)
+            self._send(sender, "", [], "cancelled", prompt_tokens, 0, None, final=True)
             return
         sampling = dict(info["sampling"])
-        stream = TextStream(decode=self.ctx.decode, stops=list(info.get("stop") or []),
-                            eos_ids=() if sampling.get("ignore_eos") else self.ctx.eos_ids)
+        n = int(sampling.get("n") or 1)
+        eos = () if sampling.get("ignore_eos") else self.ctx.eos_ids
+        streams = {i: TextStream(decode=self.ctx.decode, stops=list(info.get("stop") or []), eos_ids=eos)
+                   for i in range(n)}
+        open_choices = set(range(n))
         rid = uuid.uuid4().hex
         llm_inputs = [pb_utils.Tensor("input_ids", input_ids.astype(np.int64)),
                       pb_utils.Tensor("sampling", bytes_tensor(json.dumps(sampling))),
@@ -167,7 +197,8 @@ class TritonPythonModel:
         if mm is not None:
             llm_inputs.append(pb_utils.Tensor("mm_embeddings", np.ascontiguousarray(mm, dtype=np.float32)))
         llm_req = pb_utils.InferenceRequest(model_name=LLM_MODEL, inputs=llm_inputs,
-                                            requested_output_names=["token_ids", "finish_reason"])
+                                            requested_output_names=["token_ids", "finish_reason", "index",
+                                                                    "logprobs"])
         first = True
         finished = False  # a final response went to the client
         try:
@@ -177,7 +208,8 @@ class TritonPythonModel:
                 if request.is_cancelled():
                     self._llm_cancel(rid)
                     finished = True
-                    self._send(sender, "", [], "cancelled", prompt_tokens, stream.completion_tokens, None)
+                    self._send(sender, "", [], "cancelled", prompt_tokens, streams[0].completion_tokens, None,
+                               final=True)
                     continue
                 if resp.has_error():
                     _raise_if_error(resp, LLM_MODEL)
@@ -185,13 +217,22 @@ class TritonPythonModel:
                     continue  # the empty final-flag response of a decoupled stream
                 ids = _out(resp, "token_ids").reshape(-1).tolist()
                 engine_finish = _out(resp, "finish_reason").reshape(-1)[0].decode("utf-8")
+                index = int(_out(resp, "index").reshape(-1)[0])
+                stream = streams.get(index)
+                if stream is None or index not in open_choices:
+                    continue  # a choice already ended by a stop string
+                raw_lps = _out(resp, "logprobs").reshape(-1)[0].decode("utf-8")
                 delta = stream.push(ids, engine_finish)
-                self._send(sender, delta.text, ids, delta.finish_reason, prompt_tokens, delta.completion_tokens,
-                           public_info if first else None)
-                first = False
                 if delta.finish_reason:
-                    if not engine_finish:  # a stop string ended the answer before the engine did
-                        self._llm_cancel(rid)
+                    open_choices.discard(index)
+                    if not engine_finish:  # a stop string ended this choice before the engine did
+                        self._llm_cancel(rid, index if n > 1 else None)
+                final = not open_choices
+                self._send(sender, delta.text, ids, delta.finish_reason, prompt_tokens, delta.completion_tokens,
+                           public_info if first else None, index=index,
+                           logprobs=self._logprobs(raw_lps, ids, stream, input_ids), final=final)
+                first = False
+                if final:
                     finished = True
         except Exception:
             if not finished:  # keep the llm from decoding for nobody
@@ -205,7 +246,8 @@ class TritonPythonModel:
 
     @staticmethod
     def _send(sender: Any, text: str, ids: list[int], finish: str, prompt_tokens: int, completion: int,
-              info: dict[str, Any] | None) -> None:
+              info: dict[str, Any] | None, index: int = 0, logprobs: dict[str, Any] | None = None,
+              final: bool = False) -> None:
         resp = pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("text", bytes_tensor(text)),
             pb_utils.Tensor("token_ids", np.asarray(ids, dtype=np.int64)),
@@ -213,8 +255,10 @@ class TritonPythonModel:
             pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([completion], dtype=np.int32)),
             pb_utils.Tensor("info", bytes_tensor(json.dumps(info) if info is not None else "")),
+            pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
+            pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
         ])
         try:
-            sender.send(resp, flags=FINAL if finish else 0)
+            sender.send(resp, flags=FINAL if final else 0)
         except Exception:  # noqa: BLE001 - the client is gone; the llm stream is drained by the caller
             pass

@@ -71,6 +71,45 @@ class EntryContext:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """One token as OpenAI's logprobs show it: (its text, its UTF-8 bytes). A byte-level BPE piece that
+        is part of a multi-byte character has its raw bytes and U+FFFD as text."""
+        hit = self._decode_cache.get(token_id)
+        if hit is None:
+            tk = self.tokenizer.tokenizer
+            if "added" not in self._decode_cache:
+                from tokenizers import decoders
+
+                self._decode_cache["added"] = set(tk.get_added_tokens_decoder())
+                self._decode_cache["byte_level"] = isinstance(tk.decoder, decoders.ByteLevel)
+            piece = tk.id_to_token(int(token_id)) or ""
+            text = self.tokenizer.decode([int(token_id)])
+            table = _byte_decoder()
+            if (int(token_id) not in self._decode_cache["added"] and self._decode_cache["byte_level"]
+                    and all(ch in table for ch in piece)):
+                raw = [table[ch] for ch in piece]
+            else:
+                raw = list(text.encode("utf-8"))
+            hit = self._decode_cache[token_id] = (text, raw)
+        return hit
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character a byte-level BPE writes for each byte → the byte."""
+    cached = getattr(_byte_decoder, "table", None)
+    if cached is None:
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+            + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+        chars = {b: chr(b) for b in keep}
+        shifted = 0
+        for b in range(256):
+            if b not in chars:
+                chars[b] = chr(256 + shifted)
+                shifted += 1
+        cached = {c: b for b, c in chars.items()}
+        _byte_decoder.table = cached  # type: ignore[attr-defined]
+    return cached
+
 
 def _generation_eos(llm_dir: Path) -> tuple[int, ...]:
     path = llm_dir / "generation_config.json"
@@ -98,6 +137,49 @@ class RequestParams:
     num_frames: int | None
     video_pruning_rate: float
     ignore_eos: bool
+    extra: dict[str, Any] = field(default_factory=dict)  # the sampling extensions below, only when set
+
+
+# Sampling extensions passed to the llm as they are (validated here for gRPC clients; docs/api.md).
+MAX_N = 8
+MAX_LOGPROBS = 20
+
+
+def _extensions(raw: dict[str, Any], ctx: EntryContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    n = _num(raw, "n", int, 1, MAX_N)
+    if n is not None and n != 1:
+        out["n"] = n
+    for key in ("frequency_penalty", "presence_penalty"):
+        v = _num(raw, key, float, -2.0, 2.0)
+        if v:
+            out[key] = v
+    rp = _num(raw, "repetition_penalty", float, 0.0, lo_open=True)
+    if rp is not None and rp != 1.0:
+        out["repetition_penalty"] = rp
+    for key in ("logprobs", "prompt_logprobs"):
+        v = _num(raw, key, int, 0, MAX_LOGPROBS)
+        if v is not None:
+            out[key] = v
+    bias = raw.get("logit_bias")
+    if bias:
+        if not isinstance(bias, dict):
+            raise _bad("logit_bias", "'logit_bias' must be an object of token id → bias.")
+        vocab = ctx.cfg.llm.vocab_size
+        clean = {}
+        for k, v in bias.items():
+            if not str(k).isdigit() or int(k) >= vocab:
+                raise _bad("logit_bias", f"'logit_bias' key {k!r} is not a token id in [0, {vocab}).")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+                raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100]; got {v!r}.")
+            clean[str(int(k))] = float(v)
+        out["logit_bias"] = clean
+    guided = raw.get("guided")
+    if guided is not None:
+        if not isinstance(guided, dict) or "type" not in guided:
+            raise _bad("guided", "'guided' must be a structured-output spec object with a 'type'.")
+        out["guided"] = guided
+    return out
 
 
 def _bad(param: str, msg: str) -> PreprocessError:
@@ -147,7 +229,8 @@ def parse_request_params(raw: Any, ctx: EntryContext) -> RequestParams:
         top_p=1.0 if top_p is None else top_p, top_k=_num(raw, "top_k", int, 0) or 0,
         seed=_num(raw, "seed", int), stop=[s for s in stop if s],
         max_num_tiles=ctx.max_num_tiles if max_tiles is None else max_tiles, fps=fps, num_frames=num_frames,
-        video_pruning_rate=ctx.video_pruning_rate if q is None else q, ignore_eos=bool(raw.get("ignore_eos", False)))
+        video_pruning_rate=ctx.video_pruning_rate if q is None else q, ignore_eos=bool(raw.get("ignore_eos", False)),
+        extra=_extensions(raw, ctx))
 
 
 def parse_messages(raw: bytes | None) -> list[dict[str, Any]]:
@@ -183,9 +266,68 @@ class PreprocessResult:
     info: dict[str, Any]
 
 
+def _raw_prompt(ctx: EntryContext, raw: bytes) -> list[int]:
+    """The `prompt` input (a JSON string or a list of token ids) → prompt ids, no chat template."""
+    try:
+        prompt = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad("prompt", "'prompt' is not valid JSON.") from None
+    if isinstance(prompt, str):
+        ids = ctx.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = ctx.cfg.llm.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise _bad("prompt", f"'prompt' token ids must be in [0, {vocab}).")
+        ids = list(prompt)
+    else:
+        raise _bad("prompt", "'prompt' must be a string or a list of token ids.")
+    if not ids:
+        raise _bad("prompt", "'prompt' is empty.")
+    if ctx.cfg.img_context_token_id in ids:
+        raise _bad("prompt", "'prompt' must not contain image-context tokens (send images as chat messages).")
+    return ids
+
+
+def _raw_prompt_request(ctx: EntryContext, prompt_raw: bytes, params: RequestParams) -> PreprocessResult:
+    from nemovl_trt.preprocess.errors import CONTEXT_LENGTH_EXCEEDED
+
+    ids = _raw_prompt(ctx, prompt_raw)
+    budget = ctx.max_seq_len - len(ids)
+    max_tokens = params.max_tokens if params.max_tokens is not None else budget
+    if budget < 1 or max_tokens > budget:
+        raise PreprocessError(CONTEXT_LENGTH_EXCEEDED, f"The prompt has {len(ids)} tokens and max_tokens is "
+                              f"{max_tokens}, more than the {ctx.max_seq_len}-token context window.",
+                              param="max_tokens" if params.max_tokens is not None else "prompt")
+    tile = ctx.cfg.force_image_size
+    public = {"images": 0, "tiles": [], "frames": 0, "evs_pruned_tokens": 0, "warnings": [], "reasoning": False}
+    info = {"public": public, "sampling": with_vocab(_sampling(params, max_tokens, False), ctx), "stop": params.stop,
+            "video": None,
+            "prompt_tokens": len(ids)}
+    return PreprocessResult(input_ids=np.asarray(ids, dtype=np.int64),
+                            pixel_values=np.zeros((0, 3, tile, tile), dtype=np.float32), info=info)
+
+
+def _sampling(params: RequestParams, max_tokens: int, reasoning: bool) -> dict[str, Any]:
+    """The llm's `sampling` JSON; a structured-output spec learns whether the prompt opened a thinking block."""
+    sampling = {"max_new_tokens": int(max_tokens), "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": params.top_k, "seed": params.seed, "ignore_eos": params.ignore_eos, **params.extra}
+    if "guided" in sampling and reasoning:
+        sampling["guided"] = {**sampling["guided"], "reasoning": True}
+    return sampling
+
+
+def with_vocab(sampling: dict[str, Any], ctx: EntryContext) -> dict[str, Any]:
+    """TensorRT-LLM's embedding_bias is a tensor over the vocabulary: a logit_bias request carries its size."""
+    if "logit_bias" in sampling:
+        sampling["vocab_size"] = ctx.cfg.llm.vocab_size
+    return sampling
+
+
 def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: list[bytes], video: bytes | None,
-                       tools_raw: bytes | None, params_raw: bytes | None) -> PreprocessResult:
-    """Everything before the vision encoder. Raises PreprocessError for bad input or limits."""
+                       tools_raw: bytes | None, params_raw: bytes | None,
+                       prompt_raw: bytes | None = None) -> PreprocessResult:
+    """Everything before the vision encoder. Raises PreprocessError for bad input or limits. With
+    `prompt_raw` (a raw prompt), messages, media and tools are not used."""
     from nemovl_trt.preprocess import prompt as pp  # imports torch (via evs): only where needed
     from nemovl_trt.preprocess.image import preprocess_images
     from nemovl_trt.preprocess.video import preprocess_video
@@ -195,6 +337,8 @@ def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: li
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _bad("params", "'params' is not valid JSON.") from None
     params = parse_request_params(params_obj, ctx)
+    if prompt_raw is not None and prompt_raw.strip():
+        return _raw_prompt_request(ctx, prompt_raw, params)
     messages = parse_messages(messages_raw)
     tools = parse_tools(tools_raw)
     cfg = ctx.cfg
@@ -231,8 +375,7 @@ def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: li
     ids = np.asarray(result.input_ids, dtype=np.int64)
     public["warnings"] = list(result.warnings)
     public["reasoning"] = bool(result.reasoning)
-    sampling = {"max_new_tokens": int(result.max_tokens), "temperature": params.temperature,
-                "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed, "ignore_eos": params.ignore_eos}
+    sampling = with_vocab(_sampling(params, result.max_tokens, bool(result.reasoning)), ctx)
     layout = None
     if result.video is not None:
         layout = {"layout": dataclasses.asdict(result.video), "pruning_rate": params.video_pruning_rate}

@@ -40,7 +40,7 @@ class TritonPythonModel:
         try:
             res = preprocess_request(self.ctx, _opt_bytes(request, "messages"), images,
                                      _opt_bytes(request, "video"), _opt_bytes(request, "tools"),
-                                     _opt_bytes(request, "params"))
+                                     _opt_bytes(request, "params"), _opt_bytes(request, "prompt"))
         except PreprocessError as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"[{e.code}] {e.message}", pb_utils.TritonError.INVALID_ARG))
