@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemovl_trt.server.errors import invalid, not_supported
-from nemovl_trt.server.fields import boolean, is_int
+from nemovl_trt.server.fields import boolean, is_int, request_model
 from nemovl_trt.server.sampling_schema import Limits, Sampling, parse_sampling
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -45,11 +45,7 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
 
 def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     """Validate a decoded JSON body. Raises APIError(400) naming the bad field."""
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", None, code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a string.", "model")
+    model = request_model(body)
     prompt = _prompt(body)
     if body.get("suffix"):
         raise not_supported("'suffix' (insertion) is not supported by this model.", "suffix")

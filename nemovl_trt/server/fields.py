@@ -54,3 +54,13 @@ def boolean(body: dict, name: str, param: str | None = None) -> bool | None:
     if not isinstance(v, bool):
         raise invalid(f"'{param or name}' must be a boolean.", param or name)
     return v
+
+
+def request_model(body: Any) -> str:
+    """The `model` of a request body, after checking the body is a JSON object (both are 400s)."""
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a string.", "model")
+    return model

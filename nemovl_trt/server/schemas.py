@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemovl_trt.server.errors import APIError, invalid
-from nemovl_trt.server.fields import boolean, integer, number
+from nemovl_trt.server.fields import boolean, integer, number, request_model
 from nemovl_trt.server.response_format import response_format_spec, tool_call_spec
 from nemovl_trt.server.sampling_schema import (
     MAX_N,
@@ -194,11 +194,7 @@ def _nim_extensions(body: dict, limits: ModelLimits, params: dict[str, Any]) -> 
 
 def parse_chat_request(body: Any, limits: ModelLimits) -> ChatRequest:
     """Validate a decoded JSON body. Raises APIError(400) naming the bad field."""
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", None, code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a string.", "model")
+    model = request_model(body)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise invalid("'messages' must be a non-empty list.", "messages")
