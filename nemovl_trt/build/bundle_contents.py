@@ -12,12 +12,11 @@ llm_api_options.yaml (with `trust_remote_code: true`). Facts and sources: docs/t
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from nemovl_trt.build.trtllm_bundle import TOKENIZER_FILES, BundleError, link_or_copy
+from nemovl_trt.build.trtllm_bundle import TOKENIZER_FILES, BundleError, link_or_copy, replace_json
 from nemovl_trt.checkpoint.config import read_json
 
 MODEL_ARCHITECTURE = "NemotronH_Nano_VL_V2"
@@ -46,12 +45,6 @@ def _own_config_module_source() -> str:
     return resources.files("nemovl_trt.build.remote_code").joinpath(f"{OWN_CONFIG_MODULE}.py").read_text("utf-8")
 
 
-def _write_config(path: Path, config: dict[str, Any]) -> None:
-    """Replace `path` with a new file (never write through a hard link into the checkpoint)."""
-    path.unlink(missing_ok=True)
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
 def complete_bundle(ckpt_dir: Path, bundle_dir: Path) -> list[Path]:
     """Add to `bundle_dir` what `LLM(model=bundle_dir, trust_remote_code=True)` needs and the weights step
     did not bring (a quantizer's export writes only config + weights): the checkpoint's remote-code `.py`
@@ -78,7 +71,7 @@ def complete_bundle(ckpt_dir: Path, bundle_dir: Path) -> list[Path]:
         cfg["auto_map"] = {**(cfg.get("auto_map") or {}), "AutoConfig": f"{OWN_CONFIG_MODULE}.{OWN_CONFIG_CLASS}"}
         changed = True
     if changed:
-        _write_config(cfg_path, cfg)
+        replace_json(cfg_path, cfg)
         written.append(cfg_path)
     return sorted(set(written))
 

@@ -59,6 +59,13 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def replace_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as a new file at `path`: an existing file is unlinked first, so a hard link into the
+    source checkpoint is never written through."""
+    path.unlink(missing_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     """The regular files of a checkpoint directory (top level, hidden files skipped), sorted."""
     return sorted(p for p in ckpt_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -122,13 +129,11 @@ def convert_checkpoint_dtype(ckpt_dir: Path, out_dir: Path, dtype_name: str = "b
             for section in (cfg, cfg.get("llm_config") or {}, cfg.get("vision_config") or {}):
                 if "torch_dtype" in section:
                     section["torch_dtype"] = dtype_name
-            (out_dir / f.name).unlink(missing_ok=True)
-            (out_dir / f.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            replace_json(out_dir / f.name, cfg)
         elif f.name.endswith(".index.json"):
             index = read_json(f)
             index.setdefault("metadata", {})["total_size"] = total
-            (out_dir / f.name).unlink(missing_ok=True)
-            (out_dir / f.name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            replace_json(out_dir / f.name, index)
         else:
             link_or_copy(f, out_dir / f.name)
     names = {f.name for f in checkpoint_files(ckpt_dir)}
@@ -333,5 +338,4 @@ def exclude_from_quantization(ckpt_dir: Path, patterns: tuple[str, ...]) -> None
             continue
         have = list(section.get("exclude_modules") or [])
         section["exclude_modules"] = have + [p for p in patterns if p not in have]
-        path.unlink()  # never write through a hard link
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        replace_json(path, data)
