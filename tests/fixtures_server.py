@@ -4,6 +4,7 @@
   reachable as `http://localhost:<port>/...` (allow-listed by `api_server`) and
   `http://127.0.0.1:<port>/...` (not allow-listed: refused by the SSRF guard).
 - `api_server`: the OpenAI frontend (uvicorn, free loopback port) in front of the `triton_server` fixture.
+- `trained_api`: the whole served stack (`nemovl_trt.demo` build + serve) on data/tiny-trained, per module.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -139,3 +141,20 @@ def api_server(request: pytest.FixtureRequest, media_server: MediaServer) -> Ite
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+TRAINED = Path(__file__).resolve().parent.parent / "data" / "tiny-trained"
+
+
+@pytest.fixture(scope="module")
+def trained_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The served stack on the trained checkpoint; yields the API root URL (``http://127.0.0.1:PORT``).
+    Media URLs on 127.0.0.1 are allowed (tests serve files there)."""
+    if not (TRAINED / "config.json").is_file():
+        pytest.skip("data/tiny-trained is not committed")
+    from nemovl_trt import demo
+
+    work = tmp_path_factory.mktemp("trained_stack")
+    engines, repo = demo.build(TRAINED, work, log=lambda _: None)
+    with demo.serve(repo, engines, log=lambda _: None, allow_media_hosts=("127.0.0.1",)) as base:
+        yield base.removesuffix("/v1")

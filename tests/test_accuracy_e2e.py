@@ -10,8 +10,6 @@ resolution tiles) must drop by at least DETAIL_DROP.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,24 +19,10 @@ from nemovl_trt.training.tasks import QUESTION_TYPES
 
 pytestmark = pytest.mark.integration
 
-TRAINED = Path(__file__).resolve().parent.parent / "data" / "tiny-trained"
 EVAL_SEED = 4242  # held-out: the eval split never overlaps training's
 PER_TYPE = 12
 MIN_ACCURACY = 0.9  # every type; measured 100 % on 20 held-out questions per type (docs/demo.md)
 DETAIL_DROP = 0.4  # 3 answers: near-perfect with the tiles, about chance (1/3) without
-
-
-@pytest.fixture(scope="module")
-def trained_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The served stack on the trained checkpoint; yields the API root URL (``http://127.0.0.1:PORT``)."""
-    if not (TRAINED / "config.json").is_file():
-        pytest.skip("data/tiny-trained is not committed yet")
-    from nemovl_trt import demo
-
-    work = tmp_path_factory.mktemp("trained_stack")
-    engines, repo = demo.build(TRAINED, work, log=lambda _: None)
-    with demo.serve(repo, engines, log=lambda _: None, allow_media_hosts=("127.0.0.1",)) as base:
-        yield base.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ benchmark's layout, field by field."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,8 @@ from nemovl_trt.evaluation.synthetic import write_benchmark
 
 pytestmark = pytest.mark.integration
 
-TRAINED = Path(__file__).resolve().parent.parent / "data" / "tiny-trained"
 N = {"docvqa": 6, "infovqa": 4, "chartqa": 5, "ai2d": 5, "videomme": 4}
 MIN_SCORE = 0.75  # the checkpoint answers these types 100 % on 20 held-out questions each (docs/demo.md)
-
-
-@pytest.fixture(scope="module")
-def trained_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not (TRAINED / "config.json").is_file():
-        pytest.skip("data/tiny-trained is not committed")
-    from nemovl_trt import demo
-
-    work = tmp_path_factory.mktemp("eval_formats_stack")
-    engines, repo = demo.build(TRAINED, work, log=lambda _: None)
-    with demo.serve(repo, engines, log=lambda _: None) as base:
-        yield base.removesuffix("/v1")
 
 
 def _parquet_rows(path: Path) -> list[dict]:
