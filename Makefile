@@ -11,13 +11,15 @@ setup: $(STAMP)
 
 # torch is installed first, pinned to the CPU wheel (fast here; pyproject.toml only asks for a range, so
 # the project install keeps it). Extras: cpu = tritonserver from nvidia-pytriton (+ numpy<2 for its
-# stub), client = openai (eval / demo), decord = fallback video decoder, dev = tests and lint.
+# stub), client = openai (eval / demo), decord = fallback video decoder, dev = tests and lint (+ the helm CLI
+# into tools/helm, gitignored).
 # GPU users: see README "Install on a GPU machine" (no torch pin there; the container's torch is kept).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[cpu,client,decord,dev]'
+	bash scripts/fetch_helm.sh >/dev/null  # the helm CLI for tests/test_helm_chart.py (x86_64; no-op elsewhere)
 	touch $(STAMP)
 
 demo: setup

@@ -6,7 +6,9 @@ Direct: `ReferenceEngine` in this process (no server). Each request generates ex
 keeps `concurrency` requests in the engine: when one finishes the next is added before the next
 `step()` (that is continuous batching; with equal lengths the batch refills in waves).
 
-Optional: the same comparison through Triton (`triton_url`), text-only requests with `ignore_eos`.
+Optional: the same comparison through Triton (`triton_url`), text-only requests with `ignore_eos`, with the
+`llm` model's own counters (mean decode batch, ms per step) and the issue-17 target (c=8 / c=1 ≥ 3.5×,
+next to the engine-alone ratio of the same run).
 
 Run alone: `python -m benchmarks.batching_bench --checkpoint DIR [--triton HOST:PORT]`.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR, machine_info, summarize, utc_now, write_json
 
 TARGET_SPEEDUP = 4.0  # issue 8: throughput at concurrency 8 ≥ 4 × concurrency 1
+TARGET_TRITON_SPEEDUP = 3.5  # issue 17: the same ratio through Triton's `nemovl` entry model
 _PROMPTS = (
     "Summarize the key points of the attached quarterly report in three sentences.",
     "What is the total amount due on this invoice, and when is it due?",
@@ -145,29 +148,98 @@ async def _bench_triton_async(triton_url: str, max_new_tokens: int, requests_c1:
                                                            "ignore_eos": True}) for p in _PROMPTS]
     client = TritonClient(triton_url)
     parts: dict[int, list[LoadResult]] = {1: [], 8: []}
+    # llm counters per concurrency: decode steps, sequences summed over them, s in step(), s idle
+    steps: dict[int, list[float]] = {1: [0, 0, 0.0, 0.0], 8: [0, 0, 0.0, 0.0]}
     try:
         await client.send(workloads[0])  # warm-up
         for _ in range(rounds):  # c1, c8, c1, c8, …: drift on a shared machine hits both alike
             for conc, n in ((1, requests_c1), (8, requests_c8)):
+                before = await asyncio.to_thread(llm_stats, triton_url)
                 parts[conc].append(await closed_loop(lambda i: client.send(workloads[i % len(workloads)]), conc,
                                                      max(1, n // rounds), time_budget_s / rounds))
+                after = await asyncio.to_thread(llm_stats, triton_url)
+                steps[conc][0] += after.get("steps", 0) - before.get("steps", 0)
+                steps[conc][1] += after.get("step_sequences", 0) - before.get("step_sequences", 0)
+                steps[conc][2] += after.get("step_s", 0.0) - before.get("step_s", 0.0)
+                steps[conc][3] += after.get("idle_s", 0.0) - before.get("idle_s", 0.0)
     finally:
         await client.close()
     out: dict[str, Any] = {}
     for conc, runs in parts.items():
         merged = LoadResult(conc, [r for run in runs for r in run.records], sum(run.wall_s for run in runs))
         out[f"c{conc}"] = merged.summary()
+        n_steps, seqs, step_s, idle_s = steps[conc]
+        # what the llm saw: its mean decode batch, wall time per step (whole loop), time inside step() per
+        # step, and the share of the wall time it had nothing to run (waiting for requests to arrive)
+        row = out[f"c{conc}"]
+        row["llm_steps"] = int(n_steps)
+        row["llm_mean_batch"] = seqs / n_steps if n_steps and seqs else None  # None: not reported
+        row["llm_ms_per_step"] = merged.wall_s * 1e3 / n_steps if n_steps else None
+        row["llm_step_ms"] = step_s * 1e3 / n_steps if n_steps and step_s else None
+        row["llm_idle_share"] = idle_s / merged.wall_s if merged.wall_s and step_s else None
     c1 = out["c1"]["output_token_throughput_tps"]
     out["speedup"] = out["c8"]["output_token_throughput_tps"] / c1 if c1 else None
     out["rounds"] = rounds
     return out
 
 
+def llm_stats(triton_url: str) -> dict[str, Any]:
+    """The `llm` model's counters (its `{"op": "stats"}` control request; docs/triton.md). {} when the
+    engine does not report them."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        ids = grpcclient.InferInput("input_ids", [0], "INT64")
+        ids.set_data_from_numpy(np.zeros((0,), dtype=np.int64))
+        control = grpcclient.InferInput("control", [1], "BYTES")
+        control.set_data_from_numpy(np.array([json.dumps({"op": "stats"}).encode()], dtype=np.object_))
+        client.async_stream_infer("llm", [ids, control])
+        result, error = results.get(timeout=30)
+        if error is not None:
+            return {}
+        return json.loads(result.as_numpy("info")[0].decode())
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def triton_targets(triton: dict[str, Any], engine_speedup: float | None) -> list[dict[str, Any]]:
+    """The issue-17 target of a `bench_triton` result, with the engine-alone ratio of the same run as
+    context (None: not measured in this run)."""
+    speedup = triton.get("speedup")
+    c1, c8 = triton["c1"], triton["c8"]
+
+    def fmt(v: float | None, spec: str = ".1f") -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    engine = f"engine alone {engine_speedup:.2f}× in the same run" if engine_speedup is not None \
+        else "engine alone not measured in this run"
+    detail = (f"{fmt(c8['output_token_throughput_tps'])} vs {fmt(c1['output_token_throughput_tps'])} output tok/s "
+              f"at c=8 vs c=1 = {fmt(speedup, '.2f')}×; llm mean batch {fmt(c8.get('llm_mean_batch'), '.2f')} "
+              f"at c=8, {fmt(c8.get('llm_ms_per_step'))} vs {fmt(c1.get('llm_ms_per_step'))} ms per step "
+              f"({fmt(c8.get('llm_step_ms'))} vs {fmt(c1.get('llm_step_ms'))} ms inside step(), idle "
+              f"{fmt(c8.get('llm_idle_share'), '.0%')} vs {fmt(c1.get('llm_idle_share'), '.0%')}); {engine}")
+    return [{"name": f"Triton path batching at c=8 ≥ {TARGET_TRITON_SPEEDUP}×", "value": speedup,
+             "goal": f"≥ {TARGET_TRITON_SPEEDUP}× (c=8 / c=1 output tok/s through `nemovl`)",
+             "pass": bool(speedup is not None and speedup >= TARGET_TRITON_SPEEDUP), "detail": detail}]
+
+
 def bench_triton(triton_url: str, max_new_tokens: int = 48, requests_c1: int = 4, requests_c8: int = 16,
-                 time_budget_s: float = 40.0, rounds: int = 2) -> dict[str, Any]:
-    """The same comparison through Triton's `nemovl` entry model (gRPC streaming, text-only requests)."""
-    return asyncio.run(_bench_triton_async(triton_url, max_new_tokens, requests_c1, requests_c8, time_budget_s,
-                                           rounds))
+                 time_budget_s: float = 40.0, rounds: int = 2, engine_speedup: float | None = None,
+                 ) -> dict[str, Any]:
+    """The same comparison through Triton's `nemovl` entry model (gRPC streaming, text-only requests).
+    `engine_speedup`: `bench_engine(...)["speedup"]` of the same run, shown next to the target."""
+    out = asyncio.run(_bench_triton_async(triton_url, max_new_tokens, requests_c1, requests_c8, time_budget_s,
+                                          rounds))
+    out["engine_speedup"] = engine_speedup
+    out["targets"] = triton_targets(out, engine_speedup)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"benchmark": "batching", "time": utc_now(), "machine": machine_info(),
                               "engine": bench_engine(args.checkpoint, args.max_new_tokens)}
     if args.triton:
-        result["triton"] = bench_triton(args.triton, args.max_new_tokens)
+        result["triton"] = bench_triton(args.triton, args.max_new_tokens,
+                                        engine_speedup=result["engine"]["speedup"])
+        result["targets"] = result["triton"]["targets"]
     write_json(args.out, result)
     print(json.dumps({k: result["engine"][k] for k in ("speedup", "pass")}))
+    for t in result.get("targets", []):
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}")
     return 0
 
 

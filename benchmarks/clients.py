@@ -145,9 +145,36 @@ class OpenAIClient:
         return _streamed_record(start, e2e, ttft, tokens, extra={"chunks": chunks})
 
 
+try:  # the raw client parses each event with orjson when it is there (the cheapest parse), else json
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    from json import loads as _loads
+
+
+def sse_payloads(buffer: bytearray, data: bytes) -> list[bytes]:
+    """Append `data` to `buffer` and pop the payloads of the complete `data: ...` events in it (an event ends
+    with a blank line; other SSE fields are ignored)."""
+    buffer += data
+    out: list[bytes] = []
+    start = 0
+    while True:
+        end = buffer.find(b"\n\n", start)
+        if end < 0:
+            break
+        event = bytes(buffer[start:end])
+        start = end + 2
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: "):
+                out.append(line[6:])
+    del buffer[:start]
+    return out
+
+
 class RawSSEClient:
-    """The same request as `OpenAIClient`, posted with plain httpx and parsed line by line (json.loads per
-    SSE event): shows how much of (a) − (b) is the OpenAI SDK's own client-side cost."""
+    """The same request as `OpenAIClient`, posted with plain httpx: the body encoded before the clock starts
+    (as the Triton client builds its tensors first), the stream read as raw bytes, split into events and each
+    parsed once. The cheapest honest HTTP client, so (this) − (Triton direct) is the frontend's own cost, and
+    (OpenAI SDK) − (this) the SDK's client-side cost."""
 
     def __init__(self, base_url: str, model: str, timeout_s: float = 120.0) -> None:
         import httpx
@@ -160,28 +187,40 @@ class RawSSEClient:
         """Close the HTTP connection pool."""
         await self._client.aclose()
 
-    async def send(self, workload: Workload, overrides: dict[str, Any] | None = None) -> RequestRecord:
-        """Send one streamed request; TTFT is the first event whose delta carries text."""
+    def body(self, workload: Workload, overrides: dict[str, Any] | None = None) -> bytes:
+        """The JSON request body (what `OpenAIClient` sends for the same workload)."""
         kwargs = Workload(**{**workload.__dict__, "params": {**workload.params, **(overrides or {})}}).openai_kwargs()
         body = {"model": self.model, "messages": workload.openai_messages(), "stream": True,
                 "stream_options": {"include_usage": True}, **kwargs.pop("extra_body", {}), **kwargs}
+        return json.dumps(body).encode()
+
+    async def send(self, workload: Workload, overrides: dict[str, Any] | None = None) -> RequestRecord:
+        """Send one streamed request; TTFT is the first event whose delta carries text."""
+        content = self.body(workload, overrides)
+        headers = {"content-type": "application/json"}
         start = time.perf_counter()
         ttft: float | None = None
         usage: dict[str, Any] | None = None
+        buffer = bytearray()
         try:
-            async with self._client.stream("POST", self._url, json=body) as resp:
+            async with self._client.stream("POST", self._url, content=content, headers=headers) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if event.get("usage"):
-                        usage = event["usage"]
-                    for choice in event.get("choices") or ():
-                        delta = choice.get("delta") or {}
-                        if ttft is None and (delta.get("content") or delta.get("reasoning_content")):
-                            ttft = time.perf_counter() - start
+                async for data in resp.aiter_raw():
+                    for payload in sse_payloads(buffer, data):
+                        if payload == b"[DONE]":
+                            continue
+                        event = _loads(payload)
+                        if "error" in event:
+                            raise RuntimeError(f"error event: {str(event['error'])[:200]}")
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        if ttft is None:
+                            for choice in event.get("choices") or ():
+                                delta = choice.get("delta") or {}
+                                if delta.get("content") or delta.get("reasoning_content"):
+                                    ttft = time.perf_counter() - start
+                                    break
             e2e = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 — a failed request is a data point, not a crash
             return _failed(start, exc)

@@ -17,52 +17,21 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.common import RESULTS_DIR, WORK_DIR, free_port, machine_info, summarize, utc_now, write_json
-from benchmarks.stack import build
+from benchmarks.common import RESULTS_DIR, machine_info, summarize, utc_now, write_json
+from benchmarks.stack import ServeProcess, build
 
 MODEL = "nvidia/nemotron-nano-12b-v2-vl"
-NEMOVL = Path(sys.executable).parent / "nemovl"
 
 
-class Serve:
+class Serve(ServeProcess):
     def __init__(self, repo: Path, args: list[str]) -> None:
-        self.repo, self.args, self.port = repo, args, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Serve:
-        work = WORK_DIR / "faults"
-        work.mkdir(parents=True, exist_ok=True)
-        log = open(work / f"serve-{self.port}.log", "wb")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([str(NEMOVL), "serve", "--repo", str(self.repo), "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--log-dir", str(work / "logs"),
-                                      "--log-level", "warning", *self.args], stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=work, start_new_session=True)
-        log.close()
-        if not self.wait_ready(240):
-            self.__exit__()
-            raise RuntimeError("nemovl serve did not become ready")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().__init__(repo, args, "faults")
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -170,23 +139,21 @@ def long_prompt_rejection(serve: Serve, repeats: int = 10) -> dict[str, Any]:
     return {"body_bytes": len(raw), "rejection_ms": s, "goal_ms": 50, "pass": bool(s["p50"] is not None and s["p50"] < 50)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "faults.json")
-    args = ap.parse_args(argv)
+def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
+    """Every fault measurement on the cpu stack; `repeats` kills per target (default 5, quick 2)."""
+    repeats = repeats or (2 if quick else 5)
     info = build()
     out: dict[str, Any] = {"benchmark": "faults", "time": utc_now(), "machine": machine_info(),
-                           "command": "python -m benchmarks.faults_bench", "build": info.to_dict()}
+                           "command": "python -m benchmarks.faults_bench", "build": info.to_dict(), "repeats": repeats}
     load0 = os.getloadavg()[0]
     with Serve(info.repo, ["--max-concurrent", "8", "--max-queue", "16", "--max-restarts-per-minute", "30"]) as s:
         out["long_prompt"] = long_prompt_rejection(s)
         print("8 MB prompt rejection:", out["long_prompt"]["rejection_ms"], flush=True)
         out["burst_bounded"] = {"flags": "--max-concurrent 8 --max-queue 16", **burst(s)}
         print("burst, bounded:", out["burst_bounded"], flush=True)
-        out["recovery_llm_stub"] = recovery(s, "llm", args.repeats)
+        out["recovery_llm_stub"] = recovery(s, "llm", repeats)
         print("recovery, llm stub:", out["recovery_llm_stub"], flush=True)
-        out["recovery_tritonserver"] = recovery(s, "tritonserver", args.repeats)
+        out["recovery_tritonserver"] = recovery(s, "tritonserver", repeats)
         print("recovery, tritonserver:", out["recovery_tritonserver"], flush=True)
         out["note"] = ("recovery = kill -9 → /v1/health/ready 200 and one chat request served; run with "
                        "--max-restarts-per-minute 30 so that the 2×repeats kills are not rate-limited (default 5)")
@@ -194,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         out["burst_unbounded"] = {"flags": "--max-concurrent 64 --max-queue 1000", **burst(s)}
         print("burst, unbounded:", out["burst_unbounded"], flush=True)
     out["load_average_1m"] = {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)}
+    lp = out["long_prompt"]
+    out["targets"] = [{"name": "8 MB prompt rejected (400 context_length_exceeded)", "value": lp["rejection_ms"]["p50"],
+                       "goal": "< 50 ms p50", "pass": lp["pass"],
+                       "detail": f"p99 {lp['rejection_ms'].get('p99')} ms over {lp['rejection_ms'].get('n')} requests"}]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "faults.json")
+    args = ap.parse_args(argv)
+    out = run(quick=args.quick, repeats=args.repeats if not args.quick else None)
     write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

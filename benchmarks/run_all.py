@@ -28,7 +28,13 @@ from typing import Any
 from benchmarks import stack as stack_mod
 from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, utc_now, write_json
 
-SECTIONS = ("preprocess", "batching", "sampling", "serving", "evs", "perf_analyzer")
+SECTIONS = ("preprocess", "video", "batching", "sampling", "serving", "evs", "perf_analyzer", "preprocess_scaling",
+            "replicas", "aiperf", "faults")
+# Benchmarks that start their own servers (run after the shared stack is stopped): section → module. Each has
+# `run(quick: bool) -> dict` with a "targets" list (benchmarks/report.py listed_targets).
+OWN_STACK_SECTIONS = {"preprocess_scaling": "benchmarks.preprocess_scaling_bench",
+                      "replicas": "benchmarks.replicas_bench", "aiperf": "benchmarks.aiperf_bench",
+                      "faults": "benchmarks.faults_bench"}
 
 
 def _model_id(base_url: str) -> str:
@@ -97,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 return fn()
         results["preprocess"] = _section(results, "preprocess", _pre)
 
+    if "video" in only:  # frame sampling + decoding of the benchmark clips (in process)
+        from benchmarks import video_bench
+
+        results["video"] = _section(results, "video", lambda: video_bench.run(quick=args.quick))
+
     if "batching" in only:
         from benchmarks import batching_bench
 
@@ -112,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if only & {"serving", "evs", "perf_analyzer", "batching"}:
         _served_sections(results, info, only, args.quick)
+    for name, module in OWN_STACK_SECTIONS.items():
+        if name in only:
+            results[name] = _section(results, name, lambda m=module: _module_run(m, args.quick))
     return _finish(results, out_dir, t_start)
+
+
+def _module_run(module: str, quick: bool) -> dict[str, Any]:
+    import importlib
+
+    return importlib.import_module(module).run(quick=quick)
 
 
 def _served_sections(results: dict[str, Any], info: stack_mod.BuildInfo, only: set[str], quick: bool) -> None:
@@ -145,14 +165,16 @@ def _served_sections(results: dict[str, Any], info: stack_mod.BuildInfo, only: s
                 budget = serving_bench.QUICK if quick else serving_bench.Budget()
                 return serving_bench.bench_serving(fe.base_url, _model_id(fe.base_url), triton.grpc_url,
                                                    concurrencies=(1, 2) if quick else serving_bench.CONCURRENCIES,
-                                                   budget=budget)
+                                                   budget=budget, frontend_pid=fe.proc.pid)
             results["serving"] = _section(results, "serving", _serving)
         if "batching" in only:
             from benchmarks import batching_bench
 
             kw = {"max_new_tokens": 8, "requests_c1": 2, "requests_c8": 8} if quick else {}
+            eng = (results.get("batching") or {}).get("engine") or {}
             results.setdefault("batching", {})["triton"] = _section(
-                results, "batching-triton", lambda: batching_bench.bench_triton(triton.grpc_url, **kw))
+                results, "batching-triton", lambda: batching_bench.bench_triton(
+                    triton.grpc_url, engine_speedup=eng.get("speedup"), **kw))
         if "evs" in only:
             from benchmarks import evs_bench
 
@@ -176,7 +198,8 @@ def _finish(results: dict[str, Any], out_dir: Path, t_start: float) -> int:
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {k: results[k] for k in ("time", "command", "machine", "quick") if k in results}
-    for name in ("serving", "batching", "evs", "perf_analyzer", "preprocess", "sampling"):
+    for name in ("serving", "batching", "evs", "perf_analyzer", "preprocess", "sampling", "video",
+                 *OWN_STACK_SECTIONS):
         if results.get(name):
             write_json(out_dir / f"{name}.json", {"benchmark": name, **common, "stack": results.get("stack"),
                                                    **({"result": results[name]})})

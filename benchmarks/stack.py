@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -161,3 +162,44 @@ class Frontend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServeProcess:
+    """`nemovl serve --repo REPO ARGS...` (tritonserver + frontend, supervised) in its own session on a free
+    port, logs under WORK_DIR/<work>/; ready when /v1/health/ready answers 200. Stopped with SIGTERM (the
+    drain), then SIGKILL of the whole process group."""
+
+    def __init__(self, repo: Path, args: list[str], work: str, ready_timeout_s: float = 240.0) -> None:
+        self.repo, self.args, self.port = repo, list(args), free_port()
+        self.work = WORK_DIR / work
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServeProcess:
+        self.work.mkdir(parents=True, exist_ok=True)
+        log = open(self.work / f"serve-{self.port}.log", "wb")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen([_cli("nemovl"), "serve", "--repo", str(self.repo), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--log-dir", str(self.work / "logs"),
+                                      "--log-level", "warning", *self.args], stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.work, start_new_session=True,
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        log.close()
+        try:
+            _wait_http(self.url + "/v1/health/ready", self.ready_timeout_s, self.proc)
+        except StackError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)

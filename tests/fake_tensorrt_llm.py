@@ -9,11 +9,21 @@ contract as recorded from its source in tests/data/upstream/tensorrt_llm.json:
 - `generate_async(inputs, ...)`: the recorded signature and prompt keys, upstream's routing of
   `prompt_token_ids` / `multi_modal_embeddings` to `attach_multimodal_embeddings`, and the Nano VL model's
   rule for fusing rows at image-context tokens (count mismatch → ValueError, as `fuse_input_embeds`).
-- `SamplingParams(**kw)`: keyword-only, recorded field names, upstream's range checks.
-- Outputs expose only the recorded attribute names; `aborted()` is a method; `token_ids` are cumulative.
+- `SamplingParams(**kw)`: keyword-only, recorded field names, upstream's range checks, best_of = best_of or
+  n, best_of >= n, no best_of > 1 under greedy decoding, logprobs on only when bool(logprobs) (b35ac1b6).
+- Outputs expose only the recorded attribute names (a field missing from the data is missing here);
+  `aborted()` is a method; `token_ids` / `logprobs` are cumulative per output.
+- n / best_of as GenerationResultBase (a678b91a) has them: best_of sequences, each streamed response
+  updates ONE sequence (round robin here), `finish_reason` is set only on the response that finishes the
+  request (`_handle_sequence` checks `self._done`), so sequences that ended earlier keep None; with
+  best_of > n `outputs` sorts by cumulative_logprob and re-indexes on every access.
+- logprobs: TokenLogprobs, one dict[int, Logprob] per token: the top-K by rank plus the sampled token
+  (rank > K) when it is not among them; cumulative_logprob only when logprobs are on. prompt_logprobs:
+  one dict per prompt position (position t predicts token t + 1), top-K only (compute_logprobs, tokens=None).
 
 Generated tokens are scripted so a test can see what reached the "model": the first token is the number
-of embedding rows fused, then prompt[-1] + 1, + 2, ... (stopping on end_id / stop ids / max_tokens).
+of embedding rows fused, then prompt[-1] + 1, + 2, ... (stopping on end_id / stop ids / max_tokens);
+sequence j adds SEQ_OFFSET * j to every token after the first. Logprobs are scripted too (`fake_logprob`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from tests.upstream_contract import check_call, check_keys, fields, members, sym
 LIB = "tensorrt_llm"
 NANO_MODULE = "tensorrt_llm._torch.models.modeling_nemotron_nano"
 STEP_S = 0.002  # fake decode time per token
+SEQ_OFFSET = 100  # token offset of sequence j (so choices differ)
+ALT_BASE = 900  # ids of the scripted alternative tokens
 MAMBA_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")  # KvCacheConfig.mamba_ssm_cache_dtype Literal
 
 
@@ -54,6 +66,57 @@ class FakeSamplingParams:
             raise ValueError("require 0 <= top_p <= 1")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError("require top_k >= 0")
+        self.n = 1 if self.n is None else self.n
+        self.best_of = self.best_of or self.n
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
+        greedy = (self.temperature is None and self.top_p is None and self.top_k is None) or self.top_k == 1 \
+            or self.top_p == 0.0 or self.temperature == 0
+        if self.best_of > 1 and greedy and not self.use_beam_search:
+            raise ValueError("Greedy decoding in the LLM API does not allow multiple returns.")
+        if self.seed is not None and not 0 <= int(self.seed) < 2 ** 64:
+            raise TypeError("incompatible function arguments: seed must fit RandomSeedType (uint64)")
+        self.logprobs = self.logprobs and int(self.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs and int(self.prompt_logprobs)
+
+
+class FakeGuidedDecodingParams:
+    """tensorrt_llm.sampling_params.GuidedDecodingParams: keyword-only recorded fields, at most one truthy
+    (upstream's _validate)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        known = fields(LIB, "tensorrt_llm.sampling_params.GuidedDecodingParams")
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"GuidedDecodingParams.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        if sum(bool(v) for v in kwargs.values()) > 1:
+            raise ValueError("Only one guide can be used for a request")
+        for name in known:
+            setattr(self, name, kwargs.get(name, False if name == "json_object" else None))
+        self.kwargs = kwargs
+
+
+def compile_like_llguidance_backend(guide: FakeGuidedDecodingParams, tokenizer_json: str, vocab: int) -> Any:
+    """What upstream's LLGuidanceMatcherFactory.create does with a guide (0fccc5b9), with the real
+    llguidance: json_object / json → grammar_from_json_schema, regex → grammar_from_regex, grammar →
+    grammar_from_lark; a matcher error is a ValueError."""
+    import llguidance
+
+    if guide.json_object:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+    elif guide.json is not None:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            guide.json if isinstance(guide.json, str) else json.dumps(guide.json))
+    elif guide.regex is not None:
+        grammar = llguidance.LLMatcher.grammar_from_regex(guide.regex)
+    elif guide.grammar is not None:
+        grammar = llguidance.LLMatcher.grammar_from_lark(guide.grammar)
+    else:
+        raise ValueError("Unsupported guide type: structural_tag (xgrammar only)")
+    matcher = llguidance.LLMatcher(llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab), grammar, log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"LLGuidance matcher error: {matcher.get_error()}")
+    return matcher
 
 
 class _Restricted:
@@ -65,19 +128,68 @@ class _Restricted:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r} upstream")
 
 
+class FakeLogprob:
+    """tensorrt_llm.executor.result.Logprob: a slots dataclass of the recorded fields (logprob, rank)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - fields(LIB, "tensorrt_llm.executor.result.Logprob"))
+        if unknown:
+            raise TypeError(f"Logprob got an unexpected keyword argument {unknown[0]!r}")
+        for name in fields(LIB, "tensorrt_llm.executor.result.Logprob"):
+            setattr(self, name, kwargs.get(name))
+
+
+def fake_logprob(seq: int, position: int, best_of: int) -> float:
+    """The scripted logprob of sequence `seq`'s token at `position`: the later sequences are the likelier
+    ones, so ranking by cumulative logprob reverses the order."""
+    return -0.5 - 0.01 * position - 0.1 * (best_of - 1 - seq)
+
+
+def fake_position(token: int, lp: float, position: int, k: int) -> dict[int, FakeLogprob]:
+    """One scripted TokenLogprobs position for logprobs=k: at even positions the sampled token is the best
+    (rank 1) and k - 1 alternatives (ALT_BASE + r) follow, 0.1 apart; at odd positions k alternatives are
+    better than it and it comes last with rank k + 1, as upstream adds a sampled token outside the top-K."""
+    if position % 2 == 0:
+        out = {token: FakeLogprob(logprob=lp, rank=1)}
+        out.update({ALT_BASE + r: FakeLogprob(logprob=lp - 0.1 * (r + 1), rank=r + 2) for r in range(k - 1)})
+        return out
+    out = {ALT_BASE + r: FakeLogprob(logprob=lp + 0.1 * (k - r), rank=r + 1) for r in range(k)}
+    out[token] = FakeLogprob(logprob=lp, rank=k + 1)
+    return out
+
+
 class FakeCompletionOutput(_Restricted):
-    def __init__(self) -> None:
-        self.__dict__.update({"index": 0, "text": "", "token_ids": [], "finish_reason": None, "stop_reason": None,
-                              "logprobs": None, "cumulative_logprob": None})
+    """tensorrt_llm.executor.result.CompletionOutput: only the recorded fields exist."""
+
+    def __init__(self, index: int) -> None:
+        defaults = {"index": index, "text": "", "token_ids": [], "finish_reason": None, "stop_reason": None,
+                    "logprobs": [], "prompt_logprobs": [], "cumulative_logprob": None}
+        for name in fields(LIB, "tensorrt_llm.executor.result.CompletionOutput"):
+            self.__dict__[name] = defaults.get(name)
+
+    def _set(self, name: str, value: Any) -> None:
+        if name in fields(LIB, "tensorrt_llm.executor.result.CompletionOutput"):
+            self.__dict__[name] = value
 
 
 class FakeRequestOutput(_Restricted):
-    """RequestOutput / GenerationResult: async iteration yields this same object after each token."""
+    """RequestOutput / GenerationResult: async iteration yields this same object after each response."""
 
-    def __init__(self, prompt_token_ids: list[int], plan: list[int], finish: str) -> None:
+    def __init__(self, prompt_token_ids: list[int], plans: list[tuple[list[int], str]], sp: Any) -> None:
         self.__dict__.update({"request_id": id(self), "prompt_token_ids": prompt_token_ids, "finished": False,
-                              "outputs": [FakeCompletionOutput()], "_plan": plan, "_finish": finish,
-                              "_aborted": False})
+                              "_outputs": [FakeCompletionOutput(j) for j in range(len(plans))], "_plans": plans,
+                              "_sp": sp, "_aborted": False, "_turn": 0, "_responses": 0})
+
+    @property
+    def outputs(self) -> list[FakeCompletionOutput]:
+        sp, outs = self._sp, self._outputs
+        if sp.use_beam_search or sp.n == sp.best_of:
+            return outs[:sp.n]
+        ranked = sorted(outs, key=lambda o: o.cumulative_logprob if o.cumulative_logprob is not None
+                        else float("-inf"), reverse=True)
+        for i, o in enumerate(ranked):
+            o.__dict__["index"] = i  # re-indexed on every access, as upstream
+        return ranked[:sp.n]
 
     def abort(self) -> None:
         self.__dict__["_aborted"] = True
@@ -88,20 +200,51 @@ class FakeRequestOutput(_Restricted):
     def __aiter__(self) -> FakeRequestOutput:
         return self
 
+    def _pending(self) -> list[int]:
+        return [j for j, (plan, _) in enumerate(self._plans) if len(self._outputs[j].token_ids) < len(plan)]
+
     async def __anext__(self) -> FakeRequestOutput:
         if self.finished:
             raise StopAsyncIteration
         await asyncio.sleep(STEP_S)
-        out = self.outputs[0]
         if self._aborted:
             self.__dict__["finished"] = True
-            out.finish_reason = "cancelled"
+            for out in self._outputs:
+                out._set("finish_reason", "cancelled")
             return self
-        out.token_ids = [*out.token_ids, self._plan[len(out.token_ids)]]  # cumulative
-        if len(out.token_ids) == len(self._plan):
+        pending = self._pending()
+        if self._responses == 0 and self._sp.prompt_logprobs:  # the first response carries them
+            for out in self._outputs:
+                out._set("prompt_logprobs", self._prompt_logprobs())
+        self.__dict__["_responses"] += 1
+        if not pending:  # nothing to generate (max_tokens reached at once)
             self.__dict__["finished"] = True
-            out.finish_reason = self._finish
+            for j, out in enumerate(self._outputs):
+                out._set("finish_reason", self._plans[j][1])
+            return self
+        j = pending[self._turn % len(pending)]
+        self.__dict__["_turn"] += 1
+        out, (plan, reason) = self._outputs[j], self._plans[j]
+        pos = len(out.token_ids)
+        out._set("token_ids", [*out.token_ids, plan[pos]])  # cumulative
+        if self._sp.logprobs:
+            lp = fake_logprob(j, pos, len(self._plans))
+            out._set("logprobs", [*out.logprobs, fake_position(plan[pos], lp, pos, int(self._sp.logprobs))])
+            out._set("cumulative_logprob", (out.cumulative_logprob or 0.0) + lp)
+        if not self._pending():  # the response that finishes the request: only its sequence gets a reason
+            self.__dict__["finished"] = True
+            out._set("finish_reason", reason)
         return self
+
+    def _prompt_logprobs(self) -> list[dict[int, FakeLogprob]]:
+        ids, k = self.prompt_token_ids, int(self._sp.prompt_logprobs)
+        out = []
+        for t in range(len(ids)):  # position t predicts token t + 1 (the last one the first output token)
+            nxt = ids[t + 1] if t + 1 < len(ids) else ALT_BASE
+            out.append({nxt: FakeLogprob(logprob=-0.25 * (t + 1), rank=1),
+                        **{ALT_BASE + r: FakeLogprob(logprob=-0.25 * (t + 1) - 1.0 - r, rank=r + 2)
+                           for r in range(k - 1)}})
+        return out
 
 
 class FakeBaseMultimodalInputProcessor:
@@ -215,6 +358,8 @@ class FakeLLM:
         eos = gen.get("eos_token_id", [])
         self.end_ids = set(eos if isinstance(eos, list) else [eos])
         self.fused: list[Any] = []  # what each request's "forward" received (for the tests)
+        self.params: list[FakeSamplingParams] = []  # each request's SamplingParams
+        self.matchers: list[Any] = []  # llguidance matchers compiled for guided requests
         self.shut_down = False
         FakeLLM.instances.append(self)
 
@@ -242,13 +387,23 @@ class FakeLLM:
             raise TypeError("The inputs must be type str or list of int")
         rows = FakeNemotronNanoVL.fuse(list(ids), (extra or {}).get("multimodal_data"),
                                        int(self.hf_config.img_context_token_id))
+        if sp.guided_decoding is not None:
+            backend = self.options.get("guided_decoding_backend")
+            if backend is None:
+                raise ValueError("guided decoding needs the LLM's guided_decoding_backend")
+            if backend == "llguidance":
+                self.matchers.append(compile_like_llguidance_backend(
+                    sp.guided_decoding, (self.model / "tokenizer.json").read_text(encoding="utf-8"),
+                    int(self.hf_config.llm_config.vocab_size)))
         self.fused.append(rows)
-        return FakeRequestOutput(list(ids), *self._plan(list(ids), rows, sp))
+        self.params.append(sp)
+        plans = [self._plan(list(ids), rows, sp, j) for j in range(int(sp.best_of))]
+        return FakeRequestOutput(list(ids), plans, sp)
 
-    def _plan(self, ids: list[int], rows: Any, sp: FakeSamplingParams) -> tuple[list[int], str]:
+    def _plan(self, ids: list[int], rows: Any, sp: FakeSamplingParams, seq: int = 0) -> tuple[list[int], str]:
         tokens, stop = [], set(sp.stop_token_ids or [])
         for k in range(int(sp.max_tokens)):
-            tok = (int(rows.shape[0]) if rows is not None else 0) if k == 0 else ids[-1] + k
+            tok = (int(rows.shape[0]) if rows is not None else 0) if k == 0 else ids[-1] + k + SEQ_OFFSET * seq
             if tok in stop:
                 return tokens + ([tok] if sp.include_stop_str_in_output else []), "stop"
             if tok in self.end_ids and not sp.ignore_eos:
@@ -309,6 +464,8 @@ def install(monkeypatch: Any) -> types.ModuleType:
     root = types.ModuleType("tensorrt_llm")
     root.__doc__ = "FAKE tensorrt_llm (tests/fake_tensorrt_llm.py)"
     root.LLM, root.SamplingParams, root.__version__ = FakeLLM, FakeSamplingParams, "fake"
+    sampling_mod = types.ModuleType("tensorrt_llm.sampling_params")
+    sampling_mod.SamplingParams, sampling_mod.GuidedDecodingParams = FakeSamplingParams, FakeGuidedDecodingParams
     inputs_mod, registry_mod = types.ModuleType("tensorrt_llm.inputs"), types.ModuleType("tensorrt_llm.inputs.registry")
     inputs_mod.register_input_processor = registry_mod.register_input_processor = register_input_processor
     registry_mod.MULTIMODAL_PLACEHOLDER_REGISTRY = _PLACEHOLDERS
@@ -321,10 +478,11 @@ def install(monkeypatch: Any) -> types.ModuleType:
     register_input_processor(FakeNanoV2VLInputProcessor, model_type="NemotronH_Nano_VL_V2",
                              placeholder_metadata={"image": "<image>", "video": "<video>"})(model_cls)
     for name, mod in {"tensorrt_llm": root, "tensorrt_llm.inputs": inputs_mod,
+                      "tensorrt_llm.sampling_params": sampling_mod,
                       "tensorrt_llm.inputs.registry": registry_mod,
                       "tensorrt_llm._torch": types.ModuleType("tensorrt_llm._torch"),
                       "tensorrt_llm._torch.models": types.ModuleType("tensorrt_llm._torch.models"),
                       NANO_MODULE: nano}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    root.inputs = inputs_mod
+    root.inputs, root.sampling_params = inputs_mod, sampling_mod
     return root

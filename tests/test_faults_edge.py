@@ -227,6 +227,10 @@ def test_request_timeout_cancels_and_answers_504() -> None:
     with serving(edge) as url:
         # the edge applies the deadline to the chat route; route the fake app through it
         r = httpx.post(url + edge_path, json={"delay": 0.0})
+        # the client can have the whole answer before the app's coroutine resumes after its last send
+        deadline = time.monotonic() + 5
+        while app.finished == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert r.status_code == 200 and app.finished == 1
         t0 = time.monotonic()
         r = httpx.post(url + edge_path, json={"delay": 5.0}, timeout=10)
@@ -272,3 +276,38 @@ def test_drain_refuses_new_and_cuts_the_rest_after_grace() -> None:
         assert not t.is_alive()
         assert out["r"].status_code == 503 and err(out["r"])["message"].startswith("The server is shutting down")
         assert app.cancelled == 1
+
+
+class BodyProbe:
+    """An ASGI app that records what reaches it: the decoded body in the scope, and the raw body it reads."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, bytes]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        from nemovl_trt.serving.edge import PARSED_BODY_KEY
+
+        msg = await receive()
+        self.seen.append((scope.get("state", {}).get(PARSED_BODY_KEY, "absent"), msg.get("body", b"")))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_body_is_decoded_once_and_handed_to_the_app(guard: bool) -> None:
+    """With the guards on, the app gets the value they decoded (so it does not parse the body again) and the
+    same raw bytes; with them off, nothing is decoded at the edge."""
+    app = BodyProbe()
+    data = json.dumps({"model": M, "messages": [{"role": "user", "content": "héllo"}], "seed": 2 ** 63 - 1,
+                       "temperature": 0.25}, ensure_ascii=False).encode()
+    with serving(EdgeMiddleware(app, EdgeConfig(guard_bodies=guard))) as url:
+        r = httpx.post(url + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+        assert r.status_code == 200
+        httpx.get(url + "/v1/models")
+    (decoded, raw), (other, _) = app.seen
+    assert raw == data and other == "absent"
+    assert decoded == (json.loads(data) if guard else "absent")
+    if guard:
+        assert type(decoded["seed"]) is int and decoded["messages"][0]["content"] == "héllo"

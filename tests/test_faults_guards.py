@@ -24,6 +24,7 @@ from nemovl_trt.serving.guards import (
     repo_engines_dir,
     repo_model_parameters,
     served_limits,
+    strict_loads,
     tokenizer_bytes_per_token,
 )
 
@@ -214,3 +215,77 @@ def test_prompt_bound_for_completions() -> None:
     assert refused(check_prompt_bound, {"prompt": "x" * 100_000}, 8192, 4).code == "context_length_exceeded"
     check_prompt_bound({"prompt": [3] * 8000}, 8192, 4)
     assert prompt_text_bytes({"prompt": ["abc"]}) == 3 and prompt_text_bytes({"prompt": [1, 2]}) == 0
+
+
+def test_several_prompts_are_bounded_each_alone() -> None:
+    """/v1/completions with a list of prompts: each is its own engine request, so the bound is the largest
+    prompt's, not their sum; token-id lists are checked list by list."""
+    from nemovl_trt.serving.guards import check_token_ids
+
+    four = {"prompt": ["x" * 30_000] * 4}  # 120,000 bytes in all, 30,000 each: 7,500 tokens each at 4 bytes
+    assert prompt_text_bytes(four) == 30_000
+    check_prompt_bound(four, 8192, 4)
+    e = refused(check_prompt_bound, {"prompt": ["short", "x" * 40_000]}, 8192, 4)  # 10,000 tokens alone
+    assert (e.code, e.param) == ("context_length_exceeded", "prompt") and "40000 bytes" in e.message
+    assert "at least 10000 tokens" in e.message
+    e = refused(check_prompt_bound, {"prompt": ["x" * 30_000], "max_tokens": 1000}, 8192, 4)
+    assert "plus the 1000 max tokens" in e.message
+    ids = {"prompt": [[3] * 8000, [3] * 8000, "abc"]}  # 16,000 ids in all, 8,000 per prompt: each fits
+    check_prompt_bound(ids, 8192, 4)
+    e = refused(check_prompt_bound, {"prompt": [[3] * 10, [3] * 9000]}, 8192, 4)
+    assert "at least 9000 tokens" in e.message and e.param == "prompt"
+    assert prompt_text_bytes({"prompt": ["ab", [1, 2, 3], "é" * 5]}) == 10  # the largest text prompt
+    check_token_ids({"prompt": [[0, 1], [2 ** 31 - 1], "text"]})
+    e = refused(check_token_ids, {"prompt": [[1, 2], "text", [5, 2 ** 31]]})
+    assert e.param == "prompt" and "'prompt[2][1]'" in e.message and str(2 ** 31) in e.message
+    assert "'prompt[0]'" in refused(check_token_ids, {"prompt": [[-1]]}).message  # one list: as a plain prompt
+
+
+# ------------------------------------------------------------------ the orjson fast path
+FAST_CORPUS = [
+    b'{"model":"m","messages":[{"role":"user","content":"caf\xc3\xa9 \\u00e9 \\ud83d\\ude00 \\u0000"}]}',
+    b'{"seed": 9223372036854775807, "n": -9223372036854775808, "t": 0.1, "p": 1e-7, "z": -0.0, "e": 1E5}',
+    b'{"a": 1, "a": 2, "b": [true, false, null, [], {}]}',
+    b'  {"x": 18446744073709551615}  ',
+    b'"just a string"', b"[1, 2.5, -3]", b"null",
+]
+
+
+@pytest.mark.parametrize("data", FAST_CORPUS)
+def test_fast_path_decodes_exactly_like_json(data: bytes) -> None:
+    want = json.loads(data)
+    got = decode_json_body(data)
+    assert got == want and json.dumps(got) == json.dumps(want)  # same values, types and key order
+    ok, value = strict_loads(data)
+    assert ok and value == want
+
+
+@pytest.mark.parametrize("data,why", [
+    (b'{"seed": 18446744073709551616}', "an integer beyond 64 bits (orjson would give a float)"),
+    (b'{"seed": -9223372036854775809}', "below the 64-bit range"),
+    (b'{"t": NaN}', "not standard JSON"),
+    (b'{"s": "\\ud800"}', "a lone surrogate"),
+    (b'{"s": "\xff"}', "not UTF-8"),
+    (b'{"t": 1e400}', "infinite"),
+])
+def test_fast_path_declines_what_json_reads_differently(data: bytes, why: str) -> None:
+    assert strict_loads(data) == (False, None), why
+
+
+def test_huge_integers_keep_their_exact_value_and_refusal() -> None:
+    body = decode_json_body(b'{"logit_bias": {"5": 1}, "x": 123456789012345678901234567890}')
+    assert body["x"] == 123456789012345678901234567890 and type(body["x"]) is int
+    e = refused(guard_chat_body, raw(seed=-(2 ** 63) - 1))
+    assert e.param == "seed" and str(-(2 ** 63) - 1) in e.message
+
+
+def test_lone_surrogate_still_refused_with_its_field_through_guard_chat_body() -> None:
+    data = b'{"model":"m","messages":[{"role":"user","content":"ok \\udc00"}]}'
+    e = refused(guard_chat_body, data)
+    assert (e.code, e.param) == ("invalid_parameter", "messages[0].content") and "U+DC00" in e.message
+
+
+def test_fast_path_still_applies_the_depth_limit() -> None:
+    deep = b'{"tools": ' + b"[" * 70 + b"]" * 70 + b"}"
+    assert strict_loads(deep)[0]  # valid JSON that orjson reads ...
+    assert "64 levels" in refused(guard_chat_body, deep).message  # ... and still too deep for the guard

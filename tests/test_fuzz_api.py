@@ -52,3 +52,39 @@ def test_schemathesis_finds_no_server_error(triton_server, tmp_path: Path) -> No
     m = re.search(r"(\d+) generated, (\d+) passed", out)
     assert m is not None and int(m.group(1)) >= 50 and m.group(1) == m.group(2), out[-2000:]
     assert still_ok == 200
+
+
+def test_several_prompts_and_best_of_follow_the_document(triton_server) -> None:
+    """The document's /v1/completions `prompt` (one prompt, or 1-16 of them) and `best_of` (1-8) say what the
+    server does: bodies it accepts are answered 200 with prompts x n choices matching TextCompletion; bodies
+    it refuses are 400s with the OpenAI error shape (never a 5xx)."""
+    import jsonschema
+
+    from nemovl_trt.serving.openapi import openapi_document
+    from tests.faults_support import MODEL
+
+    doc = openapi_document(MODEL, max_seq_len=8192)
+    schemas = doc["components"]["schemas"]
+    request = jsonschema.Draft4Validator(schemas["CompletionRequest"])  # OpenAPI 3.0 is draft-4 style
+    answer = jsonschema.Draft4Validator(schemas["TextCompletion"])
+    base = {"model": MODEL, "max_tokens": 3, "temperature": 0.0}
+    accepted = [({"prompt": ["Hello", [1, 2, 3]], "n": 2}, 2 * 2),
+                ({"prompt": ["a", "b", "c"], "best_of": 2}, 3 * 1),
+                ({"prompt": ["x"] * 16}, 16),
+                ({"prompt": [[5, 6]]}, 1)]
+    refused = [{"prompt": []}, {"prompt": ["x"] * 17}, {"prompt": ["", "a"]}, {"prompt": [[]]},
+               {"prompt": ["a"], "best_of": 9}, {"prompt": ["a"], "best_of": 0}, {"prompt": [["a"]]}]
+    for extra, _ in accepted:
+        request.validate({**base, **extra})
+    for extra in refused:
+        assert not request.is_valid({**base, **extra}), extra
+    with edge_frontend(triton_server.grpc_url) as url:
+        for extra, n_choices in accepted:
+            r = httpx.post(url + "/v1/completions", json={**base, **extra}, timeout=120)
+            assert r.status_code == 200, (extra, r.text)
+            answer.validate(r.json())
+            assert [c["index"] for c in r.json()["choices"]] == list(range(n_choices)), extra
+        for extra in refused:
+            r = httpx.post(url + "/v1/completions", json={**base, **extra}, timeout=60)
+            assert r.status_code == 400, (extra, r.status_code, r.text)
+            assert r.json()["error"]["param"] in ("prompt", "best_of"), (extra, r.text)

@@ -189,3 +189,68 @@ def test_grammar_after_a_thinking_block_and_tool_calls(compiler, tiny_checkpoint
     for t in [tok.special["<TOOLCALL>"]] + tok.encode('[{"name":"f","arguments":{"x":7}}]') + [tok.special["</TOOLCALL>"]]:
         calls.consume(t)
     assert calls.done
+
+
+FLT_MIN = 1.1754943508222875e-38  # the temperature fuzzing found (issue 18)
+
+
+def test_tiny_temperature_is_greedy(model, prompt) -> None:
+    from nemovl_trt.model.sampling import GREEDY_TEMPERATURE, draw, make_generator
+
+    tiny = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=FLT_MIN, seed=3)
+    assert tiny.is_greedy and SamplingParams(temperature=GREEDY_TEMPERATURE).is_greedy is False
+    logits = torch.tensor([5.0, 40.0, 39.5, -3.0])
+    scaled = process_logits(logits, tiny)
+    assert torch.equal(scaled, logits)  # not divided: x / FLT_MIN would be inf (then NaN after softmax)
+    assert draw(scaled, tiny, make_generator(0)) == 1
+    just_above = SamplingParams(temperature=2 * GREEDY_TEMPERATURE)
+    assert torch.allclose(process_logits(logits, just_above), logits / (2 * GREEDY_TEMPERATURE))
+    greedy = generate(model, prompt, None, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert generate(model, prompt, None, tiny) == greedy and len(greedy) == 12
+
+
+VOCAB_ALL = 1512  # the tiny preset's vocabulary (config.llm.vocab_size); checked in the test
+
+
+class FailingGrammar:
+    """A grammar handle (model.grammar's duck type) whose matcher raises once `fail_after` tokens were
+    consumed: a real exception inside `ReferenceEngine.step` for one choice."""
+
+    def __init__(self, fail_after: int) -> None:
+        self.fail_after = fail_after
+
+    def matcher(self) -> FailingGrammar.Matcher:
+        return FailingGrammar.Matcher(self.fail_after)
+
+    class Matcher:
+        def __init__(self, fail_after: int) -> None:
+            self.left, self.done = fail_after, False
+
+        def allowed(self) -> torch.Tensor:
+            if self.left <= 0:
+                raise RuntimeError("injected sampling failure")
+            return torch.ones(VOCAB_ALL, dtype=torch.bool)
+
+        def consume(self, token: int) -> None:
+            self.left -= 1
+
+
+
+def test_a_failing_choice_ends_with_an_error_and_the_batch_goes_on(model, prompt) -> None:
+    assert model.cfg.llm.vocab_size == VOCAB_ALL
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    ref = generate(model, prompt, None, params)
+    engine = ReferenceEngine(model)
+    engine.add("ok", prompt, None, params)
+    engine.add("bad", prompt, None, SamplingParams(max_new_tokens=8, ignore_eos=True, n=2,
+                                                   grammar=FailingGrammar(3)))
+    ev = run(engine)  # step() never raised
+    assert toks(ev[("ok", 0)]) == ref and ev[("ok", 0)][-1].finish_reason == "length"
+    for i in range(2):
+        last = ev[("bad", i)][-1]
+        assert len(toks(ev[("bad", i)])) == 3
+        assert last.finished and last.token_id is None and last.finish_reason == "error:injected sampling failure"
+    engine.add("bad", prompt, None, params)  # the failed id was released
+    assert toks(run(engine)[("bad", 0)]) == ref
+    with pytest.raises(RuntimeError, match="generation failed: injected sampling failure"):
+        generate(model, prompt, None, SamplingParams(max_new_tokens=8, ignore_eos=True, grammar=FailingGrammar(2)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import itertools
 import struct
 import zlib
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nemovl_trt.preprocess import image as image_mod
 from nemovl_trt.preprocess.errors import PreprocessError
 from nemovl_trt.preprocess.image import (
     decode_image,
@@ -20,6 +23,7 @@ from nemovl_trt.preprocess.image import (
     preprocess_images,
     tile_grid,
 )
+from tests.image_reference import reference_image_to_tiles, reference_resize
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -235,3 +239,125 @@ def test_rgbx_input_gives_the_same_tiles():
     rgb = _pattern(900, 700, seed=7)
     rgbx = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=-1)
     assert np.array_equal(image_to_tiles(rgbx, 12, MEAN, STD), image_to_tiles(rgb, 12, MEAN, STD))
+
+
+# ------------------------------------------------- issue 17: exact kernels against the old path
+needs_kernels = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+
+
+def _photo(w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth gradients, edges and noise: resamples like a photo (not like flat noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.stack([128 + 100 * np.sin(x / 37.0) * np.cos(y / 53.0), 255.0 * x / w,
+                  np.where((x // 40 + y // 30) % 2 == 0, 230.0, 20.0)], -1)
+    return np.clip(a + rng.normal(0, 10, a.shape), 0, 255).astype(np.uint8)
+
+
+@needs_kernels
+def test_kernels_pass_their_self_check_here():
+    assert image_mod._fast_path_ok() is True
+
+
+@needs_kernels
+@pytest.mark.parametrize(("size", "fmt"), [
+    ((2048, 1536), "JPEG"),  # grid = image size (no grid resize), 13 tiles
+    ((1280, 720), "JPEG"),  # 16:9 upscaled onto a grid
+    ((4000, 3000), "JPEG"),  # large, downscaled grid
+    ((3000, 800), "PNG"),  # wide
+    ((600, 2400), "JPEG"),  # tall
+    ((333, 517), "PNG"),  # odd sizes, upscaled
+    ((513, 511), "JPEG"),  # just around one tile
+    ((50, 1700), "PNG"),  # extreme aspect: 1×12 grid
+    ((257, 131), "JPEG"),  # small, 4:2:0
+])
+def test_new_path_matches_old_implementation_on_real_images(size, fmt):
+    img = Image.fromarray(_photo(*size, seed=size[0] + size[1]))
+    kw = {"quality": 90} if fmt == "JPEG" else {}
+    data = _encode(img, fmt, **kw)
+    got = preprocess_image(data, 12, MEAN, STD).pixel_values
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    want = reference_image_to_tiles(rgb, 12, MEAN, STD)
+    assert got.dtype == np.float32 and got.shape == want.shape == (num_tiles(*size, 12), 3, T, T)
+    assert np.array_equal(got, want)
+    serial = preprocess_image(data, 12, MEAN, STD, parallel=False).pixel_values
+    assert np.array_equal(serial, want)
+
+
+@needs_kernels
+def test_exact_resize_matches_pillow_on_random_sizes():
+    rng = np.random.default_rng(17)
+    cases = [((2048, 1536), (512, 512)), ((777, 1999), (512, 512)), ((500, 700), (400, 500)),
+             ((500, 700), (400, 499)), ((100, 400), (300, 200)), ((300, 200), (2560, 1024)),
+             ((9000, 200), (512, 512)), ((40, 40), (6144, 512)), ((2048, 1536), (2048, 1024)),
+             ((2048, 1536), (1024, 1536))]  # the pass-order boundary, one-axis resizes, big factors
+    cases += [((int(rng.integers(32, 1800)), int(rng.integers(32, 1800))),
+               (int(rng.integers(16, 2000)), int(rng.integers(16, 2000)))) for _ in range(12)]
+    for (w, h), (ow, oh) in cases:
+        rgbx = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        want = reference_resize(rgbx, ow, oh)[..., :3]
+        for parallel in (False, True):
+            got = image_mod._resize_exact(rgbx, ow, oh, parallel=parallel)
+            assert got.shape == (oh, ow, 4)
+            assert np.array_equal(got[..., :3], want), ((w, h), (ow, oh), parallel)
+
+
+def test_normalization_table_is_the_reference_arithmetic():
+    lut = image_mod._norm_lut(MEAN, STD)
+    v = np.arange(256, dtype=np.uint8)
+    for c in range(3):
+        x = v.astype(np.float32) / np.float32(255.0)
+        want = (x - np.float32(MEAN[c])) / np.float32(STD[c])
+        assert lut.dtype == np.float32 and np.array_equal(lut[c], want)
+    assert lut[0, 0] < -1.7 and lut[2, 255] > 2.1  # CLIP stats: the range the encoder expects
+
+
+def test_pillow_fallback_gives_the_same_tiles(monkeypatch):
+    rgb = _photo(1100, 600, seed=9)
+    fast = image_to_tiles(rgb, 12, MEAN, STD)
+    monkeypatch.setattr(image_mod, "_FAST_OK", False)
+    slow = image_to_tiles(rgb, 12, MEAN, STD)
+    assert np.array_equal(fast, slow) and np.array_equal(slow, reference_image_to_tiles(rgb, 12, MEAN, STD))
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("NEMOVL_IMAGE_KERNELS", "pillow")
+    assert image_mod._self_check() is False
+
+
+def test_several_images_in_workers_match_one_by_one():
+    datas = [_encode(Image.fromarray(_photo(w, h, seed=w)), "JPEG", quality=85)
+             for w, h in [(1600, 1200), (640, 480), (300, 900), (2048, 1024)]]
+    pv, counts = preprocess_images(datas, 12, MEAN, STD)
+    assert counts == [num_tiles(w, h, 12) for w, h in [(1600, 1200), (640, 480), (300, 900), (2048, 1024)]]
+    assert np.array_equal(pv, np.concatenate([preprocess_image(d, 12, MEAN, STD).pixel_values for d in datas]))
+    with pytest.raises(PreprocessError) as e:  # the first bad image in order is the one reported
+        preprocess_images([datas[0], b"not an image", datas[1]], 12, MEAN, STD)
+    assert e.value.code == "invalid_image"
+
+
+def test_warmup_reports_the_path_in_use(monkeypatch):
+    monkeypatch.setattr(image_mod, "_FAST_OK", None)
+    monkeypatch.setenv("NEMOVL_IMAGE_KERNELS", "pillow")
+    assert image_mod.warmup() is False
+    rgb = _photo(700, 300, seed=2)
+    assert np.array_equal(image_to_tiles(rgb, 12, MEAN, STD), reference_image_to_tiles(rgb, 12, MEAN, STD))
+    monkeypatch.delenv("NEMOVL_IMAGE_KERNELS")
+    monkeypatch.setattr(image_mod, "_FAST_OK", None)
+    assert image_mod.warmup() is (importlib.util.find_spec("numba") is not None)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("src", "dst"), [((2048, 1536), (512, 512)),  # horizontal first, downscale
+                                          ((777, 1999), (512, 512)),  # vertical first
+                                          ((640, 480), (2048, 1536)),  # upscale
+                                          ((9000, 300), (512, 512))])  # wide support, shared input rows
+def test_any_band_split_of_a_resize_is_exact(src, dst):
+    image_mod.warmup()
+    rgbx = np.ascontiguousarray(np.concatenate(
+        [_photo(*src, seed=11), np.zeros(src[::-1] + (1,), np.uint8)], axis=-1))
+    want = reference_resize(rgbx, *dst)[..., :3]
+    h = dst[1]
+    for edges in ([0, h], [0, 1, 97, h], [0, h // 3, h // 3 + 1, h - 1, h]):
+        bands = [image_mod._resize_band(rgbx, dst[0], h, a, b) for a, b in itertools.pairwise(edges)]
+        assert np.array_equal(np.concatenate(bands)[..., :3], want), edges

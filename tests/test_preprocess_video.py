@@ -203,3 +203,235 @@ def test_skipping_nonreference_frames_changes_no_pixel(clips):
     resized = V._pyav_decode(data, probe, idx[:3], 512, threads=0)
     assert resized.shape == (3, 512, 512, 3)
     assert np.array_equal(resized[1], np.asarray(Image.fromarray(full[1]).resize((512, 512), Image.BICUBIC)))
+
+
+# ------------------------------------------------------------------ keyframe-aware ranged decoding
+# Clips with different GOP layouts. scenecut=0 keeps the keyframe interval regular where the
+# layout is about the interval; "cuts" leaves x264's scene-cut detection on (irregular GOPs).
+_NO_CUT = {"x264-params": "scenecut=0"}
+LAYOUTS: dict[str, tuple[str, str, int, dict[str, str]]] = {
+    "all_intra": ("libx264", "mp4", 40, {"g": "1"}),
+    "gop7_p_only": ("libx264", "mp4", 120, {"g": "7", "bf": "0", **_NO_CUT}),
+    "gop12_b2": ("libx264", "mp4", 120, {"g": "12", "bf": "2", **_NO_CUT}),
+    "gop30_b3_pyramid": ("libx264", "mp4", 120, {"g": "30", "bf": "3", "x264-params": "scenecut=0:b-pyramid=normal"}),
+    "open_gop": ("libx264", "mp4", 120, {"g": "20", "bf": "3", "x264-params": "scenecut=0:open-gop=1"}),
+    "cuts": ("libx264", "mp4", 120, {"bf": "3"}),
+    "hevc_b": ("libx265", "mp4", 96, {"x265-params": "keyint=24:bframes=3:log-level=none"}),
+    "hevc_open_gop": ("libx265", "mp4", 96,
+                      {"x265-params": "keyint=24:min-keyint=24:bframes=4:open-gop=1:log-level=none"}),
+    "mkv_h264": ("libx264", "matroska", 120, {"g": "15", "bf": "3", **_NO_CUT}),
+    "mpegts_h264": ("libx264", "mpegts", 120, {"g": "15", "bf": "3", **_NO_CUT}),
+    "webm_vp9": ("libvpx-vp9", "webm", 90, {"g": "10"}),
+}
+
+
+def _make_vfr_clip(n: int = 120) -> bytes:
+    """H.264 in MP4 with irregular frame durations (15..59 ms), B-frames, keyframe every 15."""
+    durations = np.random.default_rng(0).integers(15, 60, n)
+    pts_ms = np.concatenate([[0], np.cumsum(durations)[:-1]]).tolist()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"g": "15", "bf": "2", **_NO_CUT}
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(_frame(i), format="rgb24")
+            f.pts, f.time_base = int(pts_ms[i]), Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def _make_cut_clip(codec: str, fmt: str, n: int, **opts) -> bytes:
+    """Like `_make_clip`, but the picture flips every 17 frames (scene cuts → extra keyframes)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=30)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = opts
+        for i in range(n):
+            img = _frame(i) if (i // 17) % 2 == 0 else np.ascontiguousarray(255 - _frame(i)[::-1])
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def layout_clips() -> dict[str, bytes]:
+    out = {}
+    for name, (codec, fmt, n, opts) in LAYOUTS.items():
+        out[name] = _make_cut_clip(codec, fmt, n, **opts) if name == "cuts" else _make_clip(codec, fmt, n, 30, **opts)
+    out["vfr"] = _make_vfr_clip()
+    return out
+
+
+def _decode_all_then_pick(data: bytes, indices: list[int]) -> np.ndarray:
+    """The reference: decode every frame (no skipping, one thread), keep the k-th ones."""
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        s.codec_context.thread_type, s.codec_context.thread_count = "SLICE", 1
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+    return np.stack([frames[i] for i in indices])
+
+
+def _layout(data: bytes) -> tuple[int, int, int]:
+    """(frames, keyframe packets, frames left when non-reference frames are skipped)."""
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        keys = [p.is_keyframe for p in c.demux(s) if p.size > 0]
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        s.codec_context.skip_frame = "NONREF"
+        refs = sum(1 for _ in c.decode(s))
+    return len(keys), sum(keys), refs
+
+
+def test_layouts_are_what_they_claim(layout_clips):
+    """The clips really have the GOP structure their names say (else the exactness tests prove less)."""
+    n, keys, refs = _layout(layout_clips["all_intra"])
+    assert (n, keys, refs) == (40, 40, 40)
+    n, keys, refs = _layout(layout_clips["gop7_p_only"])
+    assert (n, keys, refs) == (120, 18, 120)  # a keyframe every 7 frames, every frame a reference
+    n, keys, refs = _layout(layout_clips["gop30_b3_pyramid"])
+    assert (n, keys) == (120, 4) and refs < 100  # B-frames that nothing references
+    n, keys, _ = _layout(layout_clips["cuts"])
+    assert n == 120 and keys >= 4  # the scene cuts
+    for name in ("hevc_b", "gop12_b2", "mkv_h264", "mpegts_h264", "vfr"):
+        n, keys, refs = _layout(layout_clips[name])
+        assert keys > 1 and refs < n, name
+    n, keys, _ = _layout(layout_clips["webm_vp9"])
+    assert (n, keys) == (90, 9)
+
+
+@pytest.mark.parametrize("name", [*LAYOUTS, "vfr"])
+@pytest.mark.parametrize("num_frames", [1, 5, 16, 33, 40])
+def test_ranged_decode_equals_decode_all(layout_clips, name, num_frames):
+    data = layout_clips[name]
+    for threads in (1, 0, 3):
+        vf = decode_video(data, num_frames=num_frames, threads=threads)
+        ref = _decode_all_then_pick(data, vf.indices)
+        assert vf.frames.shape == ref.shape
+        assert np.array_equal(vf.frames, ref), f"{name}: {num_frames} frames, threads={threads}"
+
+
+@pytest.mark.parametrize("name", ["gop7_p_only", "gop12_b2", "gop30_b3_pyramid", "open_gop", "cuts",
+                                  "hevc_b", "hevc_open_gop", "mkv_h264", "webm_vp9", "vfr"])
+def test_ranged_path_is_taken_and_skips_packets(layout_clips, name):
+    """On seekable containers the keyframe-aware path runs (no silent fallback) and decodes fewer
+    packets than the clip has when the sample is sparse."""
+    data = layout_clips[name]
+    probe = V._pyav_probe(data)
+    idx = sample_indices(probe.total_frames, probe.source_fps, num_frames=3)
+    ranges = V._plan_ranges(probe, idx)
+    assert ranges is not None and ranges[0].first == 0
+    for threads, parallel in ((1, False), (0, False), (2, True)):
+        got = V._pyav_decode_ranges(data, probe, idx, None, threads, parallel=parallel)
+        assert got is not None, f"{name}: fell back to the sequential pass"
+        frames, sent = got
+        assert sent == sum(r.packets for r in ranges) < probe.total_frames
+        assert np.array_equal(frames, _decode_all_then_pick(data, idx))
+
+
+def test_ranged_decode_resizes_and_keeps_request_order(layout_clips):
+    data = layout_clips["gop12_b2"]
+    probe = V._pyav_probe(data)
+    idx = [100, 3, 57, 3]  # out of order, repeated
+    frames, _ = V._pyav_decode_ranges(data, probe, idx, 512, threads=0)
+    ref = _decode_all_then_pick(data, idx)
+    assert frames.shape == (4, 512, 512, 3)
+    for k in range(4):
+        assert np.array_equal(frames[k], np.asarray(Image.fromarray(ref[k]).resize((512, 512), Image.BICUBIC)))
+
+
+def _probe(pts: list[int], keys: list[int], dts: list[int] | None = None) -> V._Probe:
+    """An index (decode order) written by hand."""
+    return V._Probe(total_frames=len(pts), source_fps=30.0, width=W, height=H, pts=sorted(pts),
+                    codec="h264", dec_pts=tuple(pts), dec_dts=tuple(dts or range(-2, len(pts) - 2)),
+                    keyframe=tuple(j in keys for j in range(len(pts))))
+
+
+def test_plan_ranges_rules():
+    R = V._Range
+    # closed GOPs, decode order I0 P3 B1 B2 P5 B4 | I6 P9 B7 B8 P11 B10 | I12
+    closed = _probe([0, 3, 1, 2, 5, 4, 6, 9, 7, 8, 11, 10, 12], keys=[0, 6, 12])
+    assert V._plan_ranges(closed, [0]) == [R(0, 0)]
+    assert V._plan_ranges(closed, [2]) == [R(0, 3)]  # frame 2 = the 4th packet
+    assert V._plan_ranges(closed, [1, 10]) == [R(0, 2), R(6, 11)]  # packets 3..5 are not decoded
+    assert V._plan_ranges(closed, [6, 9]) == [R(6, 7)]
+    assert V._plan_ranges(closed, [3, 4]) == [R(0, 5)]  # one range per keyframe
+    assert V._plan_ranges(closed, [3, 12]) == [R(0, 1), R(12, 12)]
+    assert V._plan_ranges(closed, [4, 6]) == [R(0, 6)]  # adjacent ranges: one pass, no seek
+    # open GOPs, decode order I0 P3 B1 B2 | I6 B4 B5 P9 B7 B8 | I12 B10 B11: frames 4, 5, 10, 11
+    # come after a keyframe with a later pts (leading frames), they may reference the GOP before
+    pts = [0, 3, 1, 2, 6, 4, 5, 9, 7, 8, 12, 10, 11]
+    open_gop = _probe(pts, keys=[0, 4, 10])
+    assert V._plan_ranges(open_gop, [4]) == [R(0, 5)]
+    assert V._plan_ranges(open_gop, [5, 12]) == [R(0, 6), R(10, 10)]
+    assert V._plan_ranges(open_gop, [1, 10]) == [R(0, 2), R(4, 11)]
+    assert V._plan_ranges(open_gop, [6, 9]) == [R(4, 7)]
+    # an index that cannot be trusted: no plan (the caller decodes sequentially)
+    # duplicate dts and pts: a packet seen after a seek could not be placed
+    assert V._plan_ranges(_probe(pts, keys=[0, 4], dts=[0] * len(pts)), [3]) is not None  # pts do
+    dup = V._Probe(total_frames=3, source_fps=30.0, width=W, height=H, pts=[0, 1, 2], codec="h264",
+                   dec_pts=(0, 1, 2), dec_dts=(0, 0, 1), keyframe=(True, False, False))
+    assert V._plan_ranges(dup, [2]) is not None  # distinct pts identify the packets
+    dup = V._Probe(total_frames=3, source_fps=30.0, width=W, height=H, pts=[0, 1, 2], codec="h264",
+                   dec_pts=(0, 1, 2), dec_dts=(0, None, 1), keyframe=(True, False, False))
+    assert V._packet_ids(dup) == ("pts", (0, 1, 2))  # matroska leaves some dts unset
+    same_pts = V._Probe(total_frames=3, source_fps=30.0, width=W, height=H, pts=[0, 1, 1], codec="h264",
+                        dec_pts=(0, 1, 1), dec_dts=(0, 1, 2), keyframe=(True, False, False))
+    assert V._plan_ranges(same_pts, [2]) is None  # two frames with one pts: which is frame 2?
+    assert V._plan_ranges(_probe(pts, keys=[4]), [1]) is None  # nothing to start from
+    no_pts = V._Probe(total_frames=3, source_fps=30.0, width=W, height=H, pts=None)
+    assert V._plan_ranges(no_pts, [1]) is None
+
+
+def test_split_ranges_balances_packets():
+    R = V._Range
+    ranges = [R(0, 9), R(20, 29), R(40, 79), R(90, 99)]
+    groups = V._split_ranges(ranges, 2)
+    assert [r for g in groups for r in g] == ranges  # consecutive, nothing lost
+    assert groups == [[R(0, 9), R(20, 29)], [R(40, 79), R(90, 99)]]
+    assert V._split_ranges(ranges[:1], 3) == [[R(0, 9)]]
+
+
+def test_index_that_disagrees_with_the_file_falls_back(layout_clips):
+    """A wrong index (dts shifted by one packet) is caught while decoding: no frame is guessed."""
+    data = layout_clips["gop12_b2"]
+    probe = V._pyav_probe(data)
+    bad = V._Probe(total_frames=probe.total_frames, source_fps=probe.source_fps, width=probe.width,
+                   height=probe.height, pts=probe.pts, codec=probe.codec, dec_pts=probe.dec_pts,
+                   dec_dts=probe.dec_dts[1:] + (10**9,), keyframe=probe.keyframe)
+    idx = [5, 60, 110]
+    assert V._pyav_decode_ranges(data, bad, idx, None, threads=1) is None
+    assert V._pyav_decode_ranges(data, probe, idx, None, threads=1) is not None
+
+
+# ------------------------------------------------------------------------------- GPU decoder guard
+def _nvdec_usable() -> bool:
+    try:
+        V.check_video_decoder("nvdec")
+    except V.VideoDecoderUnavailable:
+        return False
+    return True
+
+
+def test_nvdec_decoder_is_guarded(clips):
+    """Without an NVIDIA GPU + torchcodec, asking for NVDEC fails with one clear line (this test
+    checks only the guard: the GPU path itself is not exercised here)."""
+    if _nvdec_usable():
+        pytest.skip("an NVIDIA GPU and torchcodec are present: the guard does not fire")
+    with pytest.raises(V.VideoDecoderUnavailable) as e:
+        decode_video(clips["h264"], num_frames=8, decoder="nvdec")
+    msg = str(e.value)
+    assert "needs an NVIDIA GPU and torchcodec" in msg and "\n" not in msg
+    with pytest.raises(V.VideoDecoderUnavailable):
+        preprocess_video(clips["h264"], MEAN, STD, num_frames=8, decoder="nvdec")
+    V.check_video_decoder("cpu")  # always available
+    with pytest.raises(ValueError, match="video decoder must be one of cpu, nvdec"):
+        decode_video(clips["h264"], decoder="gpu")

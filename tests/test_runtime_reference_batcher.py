@@ -64,3 +64,52 @@ def test_bad_request_fails_alone(batcher) -> None:
     batcher.submit(GenRequest("good", [21, 22, 23], None, {"max_new_tokens": 3, "ignore_eos": True}, good))
     assert bad.done.wait(30) and good.done.wait(30)
     assert bad.finish.startswith("error:") and good.finish == "length" and len(good.ids) == 3
+
+
+def test_failing_step_ends_that_request_with_an_error(batcher, monkeypatch) -> None:
+    """A request whose sampling raises inside `engine.step` (issue 18: a tiny temperature made
+    torch.multinomial raise) ends with an error message; the other request and the thread go on."""
+    import dataclasses
+
+    from nemovl_trt.model.engine import ReferenceEngine
+    from nemovl_trt.model.sampling import SamplingParams
+    from nemovl_trt.runtime.reference_batcher import ContinuousBatcher, sampling_params_from
+    from tests.test_model_sampling import FailingGrammar
+
+    def make_sampling(opts: dict) -> SamplingParams:
+        params = sampling_params_from(SamplingParams, opts)
+        return dataclasses.replace(params, grammar=FailingGrammar(opts["fail_after"])) if "fail_after" in opts \
+            else params
+
+    engine = ReferenceEngine(batcher.engine.model, max_batch_size=4)
+    own = ContinuousBatcher(engine, make_sampling, 4, batcher.to_tensor)
+    try:
+        opts = {"max_new_tokens": 10, "ignore_eos": True}
+        good, bad = ListSink(), ListSink()
+        own.submit(GenRequest("good", _prompt(batcher, "keeps going"), None, opts, good))
+        own.submit(GenRequest("bad", _prompt(batcher, "fails mid-stream"), None, {**opts, "fail_after": 4}, bad))
+        good.wait(), bad.wait()
+        assert bad.ids and len(bad.ids) == 4 and bad.finish == "error:injected sampling failure"
+        assert good.finish == "length" and len(good.ids) == 10
+        # a failure outside any one request (the whole step raises) fails the running ones, not the thread
+        calls = {"n": 0}
+        real_step = engine.step
+
+        def step_once_broken():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected step failure")
+            return real_step()
+
+        monkeypatch.setattr(engine, "step", step_once_broken)
+        hit = ListSink()
+        own.submit(GenRequest("hit", _prompt(batcher, "caught in it"), None, opts, hit))
+        assert hit.wait().finish == "error:injected step failure" and hit.ids == []
+        after = ListSink()
+        own.submit(GenRequest("after", _prompt(batcher, "served after"), None, opts, after))
+        assert after.wait().finish == "length" and len(after.ids) == 10
+        snap = own.snapshot()
+        assert snap["failed"] == 2 and snap["completed"] == 2 and snap["active"] == []
+        assert own._thread.is_alive()
+    finally:
+        own.close()

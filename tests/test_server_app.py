@@ -161,6 +161,10 @@ def test_admission_queue_bound() -> None:
     ("[invalid_video_sampling] fps 60 is above the video's 30 fps.", 400, "invalid_video_sampling"),
     ("Request for unknown model: 'nemovl' is not found", 503, "model_not_ready"),
     ("Segmentation fault in stub", 500, "internal_error"),
+    # issue 18: a crashed / restarting model is the model being unavailable, not a failed request
+    ("Stub process 'llm_0_0' is not healthy.", 503, "model_not_ready"),
+    ("Failed to process the request(s) for model 'nemovl_0_0', message: Stub process 'nemovl_0_0' is not "
+     "healthy.", 503, "model_not_ready"),
 ])
 def test_triton_error_mapping(message: str, status: int, code: str) -> None:
     e = map_triton_error(message)
@@ -181,19 +185,21 @@ def test_triton_inputs_follow_the_interface() -> None:
 
 
 def test_pool_balances_by_in_flight() -> None:
+    from nemovl_trt.server.replicas import ReplicaState
     from nemovl_trt.server.triton_client import TritonPool
 
     async def go() -> None:
         pool = TritonPool([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], "nemovl", 10, 1)
-        a, b = pool._eps()
+        rs = pool.replicas
+        a, b = rs.started()
         a.in_flight, b.in_flight = 3, 1
-        assert pool._pick() is b
+        assert rs.pick() is b
         b.in_flight = 5
-        assert pool._pick() is a
-        a.ready = False  # a not ready: b is used even though it is busier
-        assert pool._pick() is b
-        a.ready, a.in_flight, b.in_flight = True, 0, 0
-        assert {pool._pick().url for _ in range(4)} == {a.url, b.url}  # ties alternate
+        assert rs.pick() is a
+        a.state = ReplicaState.DOWN  # a down: b is used even though it is busier
+        assert rs.pick() is b
+        a.state, a.in_flight, b.in_flight = ReplicaState.UP, 0, 0
+        assert {rs.pick().url for _ in range(4)} == {a.url, b.url}  # ties alternate
         assert await pool.ready(force=True) is False  # nothing listens there
         await pool.close()
 

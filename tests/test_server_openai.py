@@ -205,6 +205,62 @@ def test_sse_framing(api_server: ApiServer) -> None:
     assert all("usage" not in e for e in events[:-1]) and events[-2]["choices"][0]["finish_reason"]
 
 
+def http_chunks(api: ApiServer, body: dict[str, Any]) -> tuple[int, list[bytes]]:
+    """POST `body` over a plain socket and return (status, the HTTP/1.1 chunks of the response body): each
+    chunk is one ASGI body message of the frontend, i.e. one write."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(api.root_url)
+    data = json.dumps(body).encode()
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        raw = b""
+        while piece := sock.recv(65536):
+            raw += piece
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunks.append(rest[:size])
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+    return int(head.split(b" ", 2)[1]), chunks
+
+
+def test_events_ready_together_share_one_write(api_server: ApiServer) -> None:
+    """The role chunk goes out with the first generated text, and the finish chunk with the usage chunk and
+    [DONE]: one HTTP chunk (one ASGI message, one write) each; in between, one chunk per Triton response.
+    (When Triton delivers the whole generation in one response, all of it is one write.)"""
+    body = {"model": api_server.model, "messages": user("Count."), "max_tokens": SMALL, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.0, "ignore_eos": True}
+    status, chunks = http_chunks(api_server, body)
+    assert status == 200 and chunks
+    events = [[json.loads(b[6:]) if b != b"data: [DONE]" else "[DONE]" for b in c.split(b"\n\n") if b]
+              for c in chunks]
+    first, last = events[0], events[-1]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(first) >= 2 and first[1]["choices"][0]["delta"].get("content"), first  # never the role alone
+    assert last[-1] == "[DONE]" and last[-2]["choices"] == [] and last[-2]["usage"]["completion_tokens"] == SMALL
+    assert last[-3]["choices"][0]["finish_reason"] == "length"
+    flat = [e for c in events for e in c if e != "[DONE]" and e["choices"]]
+    assert [e["choices"][0]["finish_reason"] for e in flat].count("length") == 1
+    assert all(len(c) == 1 for c in events[1:-1])  # one event per Triton response in between
+    # every token's text is in exactly one event, and the stream equals the non-streamed answer
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in flat)
+    full = post(api_server, {k: v for k, v in body.items() if k not in ("stream", "stream_options")}).json()
+    assert text == full["choices"][0]["message"]["content"]
+    # without usage: the finish chunk and [DONE] still share the last write
+    _, chunks = http_chunks(api_server, {**body, "stream_options": {"include_usage": False}})
+    tail = chunks[-1].split(b"\n\n")
+    assert tail[-2:] == [b"data: [DONE]", b""] and b'"finish_reason":"length"' in tail[-3]
+
+
 def test_async_batch(api_server: ApiServer) -> None:
     async def go() -> list[Any]:
         client = openai.AsyncOpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0)

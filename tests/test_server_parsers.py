@@ -8,7 +8,7 @@ import pytest
 
 from nemovl_trt.server.metrics import Metrics
 from nemovl_trt.server.reasoning import ReasoningSplitter, split_reasoning
-from nemovl_trt.server.streaming import SSE_DONE, OutputAssembler, chunk, sse
+from nemovl_trt.server.streaming import SSE_DONE, Final, OutputAssembler, chunk, dumps, sse
 from nemovl_trt.server.textscan import safe_prefix_len
 from nemovl_trt.server.tools import ToolCallExtractor, new_tool_call_id, parse_tool_block
 
@@ -154,3 +154,27 @@ def test_metrics_render_and_info() -> None:
                  "nemovl_inter_token_latency_seconds_bucket", "nemovl_queue_depth", "nemovl_requests_in_flight",
                  "nemovl_prompt_tokens_total", "nemovl_completion_tokens_total"):
         assert name in text, name
+
+
+# ------------------------------------------------------------------ JSON rendering (orjson when exact)
+def test_dumps_gives_the_json_modules_document() -> None:
+    obj = chunk("chatcmpl-1", 7, "m", {"content": "café 😀 \u2028 \"q\" \\"}, "stop", index=2,
+                warnings=["w"])
+    out = dumps(obj)
+    assert out == json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()  # byte for byte
+    assert "café 😀".encode() in out  # UTF-8, not \\u escapes
+    assert sse(obj) == b"data: " + out + b"\n\n"
+
+
+def test_dumps_keeps_non_finite_logprobs_and_odd_values_readable() -> None:
+    lp = {"content": [{"token": "a", "logprob": float("-inf"), "bytes": [97], "top_logprobs": []}]}
+    out = dumps(chunk("c", 1, "m", {"content": "a"}, logprobs=lp))
+    assert b'"logprob":-Infinity' in out  # as json writes it (orjson would write null, which clients reject)
+    assert json.loads(dumps({"big": 2 ** 70}))["big"] == 2 ** 70  # beyond orjson's 64 bits
+    assert json.loads(dumps({"s": "x\ud800"}))["s"] == "x\ud800"  # a lone surrogate is escaped, not a crash
+    assert json.loads(dumps({1: "non-string key"})) == {"1": "non-string key"}
+
+
+def test_final_piece_is_bytes() -> None:
+    piece = Final(b"data: {}\n\n")
+    assert isinstance(piece, bytes) and piece + SSE_DONE == b"data: {}\n\n" + SSE_DONE

@@ -1,7 +1,8 @@
 """The whole OpenAI sampling surface through the real stack (tritonserver + the frontend), with the openai SDK
 and LangChain as clients: structured output (random pydantic schemas, with an image, streamed and not, the
 random-weight and the trained tiny checkpoint), forced tool calls, logprobs against the reference model's own
-softmax, n choices, penalties, logit_bias, stop strings split across tokens, seeds, /v1/completions."""
+softmax, n choices, penalties, logit_bias, stop strings split across tokens, seeds (negative ones too),
+/v1/completions with several prompts (choices indexed prompt-major) and best_of."""
 
 from __future__ import annotations
 
@@ -429,13 +430,80 @@ def test_completions_text_tokens_echo_stream(api_server: ApiServer, sdk: openai.
     assert isinstance(llm.invoke(text), str)
 
 
+def test_completions_several_prompts_are_indexed_prompt_major(api_server: ApiServer, sdk: openai.OpenAI,
+                                                                tiny_ckpt_dir: Path) -> None:
+    """prompt as a list: choice i * n + j is prompt i's choice j, each exactly what the prompt alone gives."""
+    from nemovl_trt.checkpoint.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_ckpt_dir)
+    prompts = ["Which shape is red", "The blue square", "A circle"]
+    kw = {"model": api_server.model, "max_tokens": 5, "n": 2, "temperature": 0.9, "seed": 3,
+          "extra_body": {"ignore_eos": True}}
+    alone = [sdk.completions.create(prompt=p, **kw) for p in prompts]
+    many = sdk.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in many.choices] == list(range(6))
+    assert [c.text for c in many.choices] == [c.text for a in alone for c in a.choices]
+    assert {c.finish_reason for c in many.choices} == {"length"}
+    assert many.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts) == sum(
+        a.usage.prompt_tokens for a in alone)
+    assert many.usage.completion_tokens == 6 * 5
+    ids = sdk.completions.create(prompt=[tok.encode(p) for p in prompts], **kw)  # token-id lists
+    assert [c.text for c in ids.choices] == [c.text for c in many.choices]
+    echo = sdk.completions.create(prompt=prompts[:2], echo=True, **{**kw, "n": 1})
+    assert [c.text[:len(p)] for c, p in zip(echo.choices, prompts[:2], strict=True)] == prompts[:2]
+    chunks = list(sdk.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **kw))
+    per = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(6)}
+    assert [per[i] for i in range(6)] == [c.text for c in many.choices]
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == list(range(6))
+    assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].usage.prompt_tokens == many.usage.prompt_tokens
+
+
+def test_completions_best_of_returns_the_likeliest_candidates(api_server: ApiServer, sdk: openai.OpenAI) -> None:
+    """best_of = k generates the same k candidates as n = k (same seed) and returns the n with the highest
+    sum of token logprobs, best first; the usage counts every candidate, as OpenAI bills it."""
+    kw = {"model": api_server.model, "prompt": "colour shape", "max_tokens": 6, "temperature": 1.0, "seed": 11,
+          "extra_body": {"ignore_eos": True}}
+    cands = sdk.completions.create(n=4, logprobs=0, **kw)
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in cands.choices}
+    ranked = sorted(cands.choices, key=lambda c: (-score[c.text], c.index))
+    assert len(score) > 1  # independent draws
+    one = sdk.completions.create(best_of=4, **kw)
+    assert [c.text for c in one.choices] == [ranked[0].text] and one.choices[0].index == 0
+    assert one.choices[0].logprobs is None  # used for ranking, not asked for
+    assert one.usage.completion_tokens == cands.usage.completion_tokens == 4 * 6
+    two = sdk.completions.create(best_of=4, n=2, logprobs=1, **kw)
+    assert [c.text for c in two.choices] == [c.text for c in ranked[:2]] and [c.index for c in two.choices] == [0, 1]
+    assert [len(c.logprobs.tokens) for c in two.choices] == [6, 6]
+    both = sdk.completions.create(best_of=3, n=1, **{**kw, "prompt": ["colour shape", "red circle"]})
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text in score
+
+
+def test_negative_seed_is_accepted_and_reproducible(api_server: ApiServer, sdk: openai.OpenAI) -> None:
+    kw = {"model": api_server.model, "prompt": "colour shape", "max_tokens": 6, "temperature": 1.0,
+          "extra_body": {"ignore_eos": True}}
+    a = sdk.completions.create(seed=-(2**63), **kw)
+    b = sdk.completions.create(seed=-(2**63), **kw)
+    assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens == 6
+    r = httpx.post(api_server.base_url + "/completions", json={**{k: v for k, v in kw.items() if k != "extra_body"},
+                                                               "seed": 2**63}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"  # OpenAI's seed is an int64
+
+
 @pytest.mark.parametrize(("fields", "code"), [
     ({"prompt": ""}, "invalid_parameter"),
-    ({"prompt": ["a", "b"]}, "unsupported_parameter"),
+    ({"prompt": ["a", ""]}, "invalid_parameter"),
+    ({"prompt": []}, "invalid_parameter"),
+    ({"prompt": ["x"] * 17}, "invalid_parameter"),
+    ({"prompt": ["x"] * 9, "best_of": 8}, "invalid_parameter"),
+    ({"prompt": [[1, 2], [10**7]]}, "invalid_parameter"),  # the engine refuses prompt 1: the whole request
+    ({"prompt": [[1, 2], [2**40]]}, "invalid_parameter"),
     ({"prompt": [1, -2]}, "invalid_parameter"),
     ({"prompt": [10**7]}, "invalid_parameter"),
     ({"prompt": "x", "logprobs": 21}, "invalid_parameter"),
-    ({"prompt": "x", "best_of": 3}, "unsupported_parameter"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, "invalid_parameter"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, "invalid_parameter"),
+    ({"prompt": "x", "seed": 2**63}, "invalid_parameter"),
     ({"prompt": "x", "suffix": "y"}, "unsupported_parameter"),
     ({"prompt": "x", "n": 9}, "invalid_parameter"),
 ])

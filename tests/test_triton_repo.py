@@ -82,12 +82,14 @@ def test_gpu_target_uses_tensorrt_plan(cpu_engines_dir: Path, tmp_path: Path) ->
     manifest = json.loads((cpu_engines_dir / "manifest.json").read_text())
     manifest["target"]["name"] = "h100"
     manifest["paths"]["vision_plan"] = "vision/model.plan"
+    manifest["serving"] = {"preprocessor_instances": 1, "vision_instances": 2}  # per GPU
     (engines / "vision").mkdir()
     (engines / "vision" / "model.plan").write_bytes(b"plan")
     (engines / "manifest.json").write_text(json.dumps(manifest))
     files = generate_repository(engines, tmp_path / "repo")
     vision = parse_config((tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text())
     assert vision.platform == "tensorrt_plan" and vision.instance_group[0].kind == 1  # KIND_GPU
+    assert vision.instance_group[0].count == 2
     link = tmp_path / "repo" / "vision_encoder" / "1" / "model.plan"
     assert link.is_symlink() and link.read_bytes() == b"plan"
     assert Path("vision_encoder/1/model.py") not in files
@@ -99,3 +101,41 @@ def test_missing_manifest_and_bad_config_errors(tmp_path: Path) -> None:
         generate_repository(tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match="does not parse"):
         parse_config('name: "x"\ninput { nme: "a" }')
+
+
+def test_instance_counts_come_from_the_build_config_unless_given(cpu_engines_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from nemovl_trt.cli import build_cli
+
+    engines = tmp_path / "engines"
+    shutil.copytree(cpu_engines_dir, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["serving"] = {"preprocessor_instances": 3, "vision_instances": 2}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+
+    def counts(out: Path) -> tuple[int, int]:
+        cfg = {m: parse_config((out / m / "config.pbtxt").read_text()) for m in (itf.PREPROCESSOR_MODEL,
+                                                                              itf.VISION_MODEL)}
+        return cfg[itf.PREPROCESSOR_MODEL].instance_group[0].count, cfg[itf.VISION_MODEL].instance_group[0].count
+
+    res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert counts(tmp_path / "a") == (3, 2)
+    assert ("instances: preprocessor 3 (build config serving.preprocessor_instances), vision_encoder 2 "
+            "(build config serving.vision_instances)") in res.output
+    res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "b"),
+                                         "--preprocessor-instances", "2"])
+    assert res.exit_code == 0 and counts(tmp_path / "b") == (2, 2)
+    assert "preprocessor 2 (--preprocessor-instances)" in res.output
+    del manifest["serving"]
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0 and counts(tmp_path / "c") == (1, 1)
+    assert "preprocessor 1 (default), vision_encoder 1 (default)" in res.output
+    manifest["serving"] = {"preprocessor_instances": 0}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "d")])
+    assert res.exit_code == 1 and "preprocessor_instances must be at least 1, got 0." in res.output

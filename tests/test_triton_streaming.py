@@ -86,3 +86,71 @@ def test_text_stream_stop_string_finishes_stop() -> None:
     s = TextStream(decode=byte_decode, stops=["\n\n"])
     d = s.push(list(b"line one\n\nline two"))
     assert (d.text, d.finish_reason, d.completion_tokens) == ("line one", "stop", 18)
+
+
+# ------------------------------------------------------------------------------- the llm's ResponsePump
+def test_merge_messages_joins_runs_of_one_choice_until_it_finishes() -> None:
+    from nemovl_trt.triton.streaming import StreamMessage, merge_messages
+
+    lp = lambda *vals: {"tokens": [[v, []] for v in vals]}  # noqa: E731
+    msgs = [StreamMessage([1], "", 0, {**lp(-0.1), "prompt": [None, [-1.0, []]]}), StreamMessage([2], "", 0, lp(-0.2)),
+            StreamMessage([7], "", 1, lp(-0.7)), StreamMessage([3], "length", 0, lp(-0.3)),
+            StreamMessage([8], "", 1, lp(-0.8)), StreamMessage([9], "stop", 1, lp(-0.9), done=True)]
+    out = merge_messages(msgs)
+    assert [(m.token_ids, m.finish_reason, m.index, m.done) for m in out] == [
+        ([1, 2], "", 0, False), ([7], "", 1, False), ([3], "length", 0, False), ([8, 9], "stop", 1, True)]
+    assert out[0].logprobs == {"tokens": [[-0.1, []], [-0.2, []]], "prompt": [None, [-1.0, []]]}
+    assert out[3].logprobs == {"tokens": [[-0.8, []], [-0.9, []]]}
+    assert msgs[0].token_ids == [1] and msgs[0].logprobs["tokens"] == [[-0.1, []]]  # inputs untouched
+    finished = [StreamMessage([4], "stop", 0), StreamMessage([], "", 0)]
+    assert len(merge_messages(finished)) == 2  # nothing joins a finished choice
+
+
+def test_response_pump_keeps_order_merges_while_busy_and_drops_a_failed_stream() -> None:
+    import threading
+
+    from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
+
+    sent: dict[str, list[StreamMessage]] = {"a": [], "b": [], "gone": []}
+    gate = threading.Event()
+    errors: list[str] = []
+
+    def send(key: str, msg: StreamMessage) -> None:
+        gate.wait(10)  # the first send blocks: what queues meanwhile must merge
+        if key == "gone":
+            raise ConnectionError("client left")
+        sent[key].append(msg)
+
+    pump = ResponsePump(send, threads=1, on_error=lambda key, e: errors.append(f"{key}: {e}"))
+    pump.put("a", StreamMessage([0]))
+    for i in range(1, 6):
+        pump.put("a", StreamMessage([i]))
+        pump.put("b", StreamMessage([10 + i], "length" if i == 5 else "", done=i == 5))
+        pump.put("gone", StreamMessage([20 + i]))
+    gate.set()
+    pump.put("a", StreamMessage([6], "stop", done=True))
+    pump.close()
+    assert [t for m in sent["a"] for t in m.token_ids] == list(range(7))
+    assert [t for m in sent["b"] for t in m.token_ids] == [11, 12, 13, 14, 15]
+    assert sent["a"][-1].done and sent["b"][-1].finish_reason == "length"
+    assert len(sent["b"]) == 1 and len(sent["a"]) <= 3  # merged: fewer responses than messages
+    assert errors == ["gone: client left"] and sent["gone"] == []  # one error, nothing after it
+    assert pump.messages == 17 and pump.sent == len(sent["a"]) + len(sent["b"])
+    with pytest.raises(ValueError, match="at least 1 thread"):
+        ResponsePump(send, threads=0)
+
+
+def test_response_pump_interval_batches_a_fast_stream() -> None:
+    import time
+
+    from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
+
+    got: list[list[int]] = []
+    pump = ResponsePump(lambda key, msg: got.append(msg.token_ids), interval_s=0.2)
+    pump.put("a", StreamMessage([0]))  # the pump was idle: sent at once
+    time.sleep(0.05)
+    for i in range(1, 5):
+        pump.put("a", StreamMessage([i]))  # within the interval: one response
+    pump.put("a", StreamMessage([5], "stop", done=True))
+    pump.close()
+    assert got[0] == [0] and [t for ids in got for t in ids] == [0, 1, 2, 3, 4, 5] and len(got) == 2

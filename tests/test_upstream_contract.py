@@ -80,17 +80,8 @@ def test_sampling_params_fields_exist_upstream(opts: dict) -> None:
     fake_llm.FakeSamplingParams(**kw)  # and the keyword-only constructor takes them
 
 
-class FakeGuidedDecodingParams:
-    """tensorrt_llm.sampling_params.GuidedDecodingParams from the recorded fields: keyword-only, at most one
-    field truthy (upstream's _validate)."""
-
-    def __init__(self, **kwargs) -> None:
-        unknown = sorted(set(kwargs) - fields("tensorrt_llm", "tensorrt_llm.sampling_params.GuidedDecodingParams"))
-        if unknown:
-            raise TypeError(f"GuidedDecodingParams got an unexpected keyword argument {unknown[0]!r}")
-        if sum(bool(v) for v in kwargs.values()) > 1:
-            raise ValueError("only one guide can be used")
-        self.kwargs = kwargs
+FakeGuidedDecodingParams = fake_llm.FakeGuidedDecodingParams
+SPECIAL = {"<TOOLCALL>": 1506, "</TOOLCALL>": 1507, "</think>": 1505}
 
 
 @pytest.mark.parametrize("opts", [
@@ -98,37 +89,63 @@ class FakeGuidedDecodingParams:
     {"max_new_tokens": 4, "logit_bias": {"3": -100.0, "7": 2.5}, "vocab_size": 16},
     {"max_new_tokens": 4, "guided": {"type": "json_schema", "schema": {"type": "object"}, "strict": True}},
     {"max_new_tokens": 4, "guided": {"type": "json_object"}, "temperature": 0.5, "seed": 3},
+    {"max_new_tokens": 4, "guided": {"type": "tool_calls", "tools": [{"name": "f", "parameters": None}]}},
+    {"max_new_tokens": 4, "n": 3, "best_of": 5, "temperature": 0.9, "logprobs": 0, "prompt_logprobs": 2},
+    {"max_new_tokens": 4, "n": 4, "temperature": 0.0, "logprobs": 20, "seed": -(2**63)},
 ])
 def test_every_mapped_sampling_option_is_an_upstream_field(opts: dict) -> None:
-    kw = sampling_kwargs(opts, guided_params=FakeGuidedDecodingParams)
+    from nemovl_trt.model.grammar import grammar_text
+
+    kw = sampling_kwargs(opts, guided_params=FakeGuidedDecodingParams, special_ids=SPECIAL)
     assert set(kw) <= fields("tensorrt_llm", "tensorrt_llm.SamplingParams"), set(kw)
     fake_llm.FakeSamplingParams(**kw)
     if "logit_bias" in opts:  # upstream has no logit_bias: embedding_bias, a float32 tensor over the vocabulary
         bias = kw["embedding_bias"]
         assert bias.dtype == torch.float32 and bias.shape == (16,)
         assert bias[3] == -100.0 and bias[7] == 2.5 and float(bias.abs().sum()) == 102.5
-    if "guided" in opts:
-        want = {"json": {"type": "object"}} if opts["guided"]["type"] == "json_schema" else {"json_object": True}
-        assert kw["guided_decoding"].kwargs == want
+    if "guided" in opts:  # llguidance backend (our bundles): the cpu engine's Lark grammar, tokens by id
+        assert kw["guided_decoding"].kwargs == {"grammar": grammar_text(opts["guided"], SPECIAL)}
+        if opts["guided"]["type"] != "tool_calls":  # xgrammar: json / json_object only
+            xg = sampling_kwargs(opts, guided_params=FakeGuidedDecodingParams, grammar_backend="xgrammar")
+            want = {"json": {"type": "object"}} if opts["guided"]["type"] == "json_schema" else {"json_object": True}
+            assert xg["guided_decoding"].kwargs == want
     for key in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
         if key in opts:
             assert kw[key] == opts[key]
+    if opts.get("best_of"):  # sampling: n and best_of as they are; logprobs 0 asked as 1 (0 = off in 1.2)
+        assert (kw["n"], kw["best_of"], kw["logprobs"], kw["prompt_logprobs"]) == (3, 5, 1, 2)
+    if opts.get("n") == 4:  # greedy: one sequence (upstream refuses best_of > 1), the seed as a uint64
+        assert "n" not in kw and "best_of" not in kw and kw["logprobs"] == 20 and kw["seed"] == 2**63
 
 
-@pytest.mark.parametrize(("opts", "what"), [
-    ({"n": 2}, "n > 1"),
-    ({"logprobs": 0}, "logprobs"),
-    ({"prompt_logprobs": 1}, "logprobs"),
-    ({"guided": {"type": "tool_calls", "tools": [{"name": "f"}]}}, "forced tool call"),
-    ({"guided": {"type": "json_object", "reasoning": True}}, "thinking block"),
-    ({"logit_bias": {"1": 1.0}}, "logit_bias"),
+@pytest.mark.parametrize(("opts", "backend", "special", "what"), [
+    ({"guided": {"type": "tool_calls", "tools": [{"name": "f"}]}}, "xgrammar", SPECIAL, "forced tool call"),
+    ({"guided": {"type": "json_object", "reasoning": True}}, "xgrammar", SPECIAL, "thinking block"),
+    ({"guided": {"type": "tool_calls", "tools": [{"name": "f"}]}}, "llguidance", {}, "no </TOOLCALL>, <TOOLCALL>"),
+    ({"guided": {"type": "json_object"}}, "outlines", SPECIAL, "guided_decoding_backend 'outlines'"),
+    ({"logit_bias": {"1": 1.0}}, "llguidance", SPECIAL, "logit_bias"),
 ])
-def test_options_the_gpu_path_cannot_honour_are_refused_clearly(opts: dict, what: str) -> None:
+def test_options_the_gpu_path_cannot_honour_are_refused_clearly(opts: dict, backend: str, special: dict,
+                                                                what: str) -> None:
     from nemovl_trt.runtime.trtllm_requests import UnsupportedOnTrtllm
 
     with pytest.raises(UnsupportedOnTrtllm) as e:
-        sampling_kwargs({"max_new_tokens": 4, **opts}, guided_params=FakeGuidedDecodingParams)
+        sampling_kwargs({"max_new_tokens": 4, **opts}, guided_params=FakeGuidedDecodingParams,
+                        grammar_backend=backend, special_ids=special)
     assert str(e.value).startswith("[unsupported_parameter] ") and what in str(e.value)
+
+
+def test_logprob_names_we_read_are_recorded() -> None:
+    """trtllm_requests reads Logprob.logprob / .rank of TokenLogprobs entries; the generator reads the
+    CompletionOutput fields below (and the fake exposes only recorded names)."""
+    assert {"logprob", "rank"} <= fields("tensorrt_llm", "tensorrt_llm.executor.result.Logprob")
+    assert {"index", "token_ids", "logprobs", "prompt_logprobs", "cumulative_logprob", "finish_reason"} <= \
+        fields("tensorrt_llm", "tensorrt_llm.executor.result.CompletionOutput")
+    assert {"n", "best_of", "logprobs", "prompt_logprobs", "guided_decoding", "seed"} <= \
+        fields("tensorrt_llm", "tensorrt_llm.SamplingParams")
+    assert "grammar" in fields("tensorrt_llm", "tensorrt_llm.sampling_params.GuidedDecodingParams")
+    assert "grammar_from_lark" in symbol("tensorrt_llm", "tensorrt_llm._torch.pyexecutor.grammar_matcher."
+                                         "LLGuidanceMatcherFactory")["notes"]
 
 
 @pytest.mark.parametrize("name", GPU_TARGETS)

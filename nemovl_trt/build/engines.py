@@ -212,9 +212,10 @@ def build_engines(ckpt_dir: str | Path, target: TargetConfig, out_dir: str | Pat
     cfg: VLMConfig = load_vlm_config(ckpt)
     plan = plan_memory(cfg, target)
     if plan.max_batch_size < 1:
+        per = f" per GPU (world size {plan.world_size})" if plan.world_size > 1 else ""
         raise BuildError(f"target {target.name}: weights ({plan.weights_bytes / 1e9:.2f} GB) and activations "
                          f"({plan.activation_bytes / 1e9:.2f} GB) leave no room for one sequence of "
-                         f"{plan.max_seq_len} tokens in the {plan.memory_budget_bytes / 1e9:.2f} GB budget.")
+                         f"{plan.max_seq_len} tokens in the {plan.memory_budget_bytes / 1e9:.2f} GB budget{per}.")
     tok_files = tb.tokenizer_files(ckpt)
     if not tok_files:
         raise BuildError(f"{ckpt} has no tokenizer files ({', '.join(tb.TOKENIZER_FILES[:2])}).")
@@ -374,6 +375,8 @@ def _manifest(cfg: VLMConfig, target: TargetConfig, plan: MemoryPlan, model_id: 
                    "max_seq_len": plan.max_seq_len, "max_num_tiles": lim.max_num_tiles,
                    "max_images": lim.max_images, "max_video_frames": lim.max_video_frames,
                    "vision_max_batch_tiles": plan.vision_max_batch_tiles},
+        "parallel": mf.parallel_section(target),
+        "serving": mf.serving_section(target),
         "paths": {"vision_onnx": VISION_ONNX, "vision_plan": VISION_PLAN if gpu else None,
                   "onnx_check": ONNX_CHECK_FILE, "llm_dir": LLM_DIR,
                   "llm_api_options": f"{LLM_DIR}/{tb.LLM_API_OPTIONS_FILE}" if gpu else None,

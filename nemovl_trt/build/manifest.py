@@ -1,7 +1,8 @@
 """`manifest.json`: the one file the Triton repository generator reads from an engines dir.
 
 It records the target, tool versions, input (checkpoint) and output file hashes, precisions, limits, the
-memory plan, the ONNX check result and the paths (relative to the engines dir) of every artifact.
+parallel layout (world size), the serving instance counts, the memory plan, the ONNX check result and the paths
+(relative to the engines dir) of every artifact.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nemovl_trt.build.targets import TargetConfig
+
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: + "parallel", "serving"
 DEFAULT_MODEL_ID = "nvidia/nemotron-nano-12b-v2-vl"
-REQUIRED_KEYS = ("manifest_version", "model_id", "target", "precisions", "limits", "paths", "vision", "llm",
-                 "plan", "onnx_check", "tool_versions", "inputs", "outputs")
+REQUIRED_KEYS = ("manifest_version", "model_id", "target", "precisions", "limits", "parallel", "serving", "paths",
+                 "vision", "llm", "plan", "onnx_check", "tool_versions", "inputs", "outputs")
 HASH_CHUNK = 1 << 22
 
 
@@ -42,6 +45,19 @@ def tool_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def parallel_section(target: TargetConfig) -> dict[str, int]:
+    """`manifest["parallel"]`: the TensorRT-LLM layout of one replica (the sizes in llm_api_options.yaml)."""
+    par = target.parallel
+    return {"tensor_parallel_size": par.tensor_parallel, "pipeline_parallel_size": par.pipeline_parallel,
+            "world_size": par.world_size}
+
+
+def serving_section(target: TargetConfig) -> dict[str, int]:
+    """`manifest["serving"]`: Triton instance counts from the target's `serving:` section."""
+    srv = target.serving
+    return {"preprocessor_instances": srv.preprocessor_instances, "vision_instances": srv.vision_instances}
 
 
 def write_manifest(engines_dir: Path, manifest: dict[str, Any]) -> Path:

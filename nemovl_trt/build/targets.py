@@ -37,6 +37,11 @@ VISION_PRECISIONS = ("fp32", "fp16", "bf16")
 KV_CACHE_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 MAMBA_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
+# GPUs one replica may span: one node's NVLink domain (8 GPUs in HGX/DGX A100, H100 and B200 nodes). Upstream
+# TensorRT-LLM's NemotronHForCausalLM also refuses a tensor-parallel size outside 1, 2, 4, 8
+# (tensorrt_llm/_torch/models/modeling_nemotron_h.py@00620eb0), and a 12B model never needs a second node.
+MAX_WORLD_SIZE = 8
+
 
 class TargetError(ValueError):
     """A build target file is missing, malformed, or asks for something its architecture cannot run."""
@@ -74,6 +79,32 @@ class TrtllmOptions:
 
 
 @dataclass(frozen=True)
+class ParallelOptions:
+    """Multi-GPU layout of one replica (`parallel:`): TensorRT-LLM tensor × pipeline parallel sizes."""
+
+    tensor_parallel: int = 1  # GPUs each layer is split across (heads, KV heads, Mamba heads, MLP, vocab)
+    pipeline_parallel: int = 1  # stages the layers are split into (one after another)
+
+    @property
+    def world_size(self) -> int:
+        """GPUs (= ranks = processes) of one replica."""
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Serving-side knobs of a target (`serving:`), recorded in the manifest for the Triton repository helper.
+
+    The CPU costs feed the plan's preprocessing-cores line; defaults are README / docs/benchmarks.md numbers
+    measured by benchmarks/preprocess_bench.py on the 2-core CI VM (loaded machine)."""
+
+    preprocessor_instances: int = 1  # Triton instances of the CPU preprocessor model
+    vision_instances: int = 1  # Triton instances of the vision encoder per GPU
+    cpu_ms_per_image: float = 90.0  # host CPU ms to decode + tile one 2048×1536 image into 13 tiles
+    cpu_ms_per_video_frame: float = 23.0  # host CPU ms per sampled video frame (decode + resize)
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """One build target (`build_configs/<name>.yaml`)."""
 
@@ -91,6 +122,10 @@ class TargetConfig:
     decode_context_fraction: float = 0.5  # decode roofline context = fraction × max_seq_len
     vision: VisionOptions = field(default_factory=VisionOptions)
     trtllm: TrtllmOptions = field(default_factory=TrtllmOptions)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    serving: ServingOptions = field(default_factory=ServingOptions)
+    # dense tensor-core peak TFLOPS per precision (public spec sheets, no sparsity): the prefill roofline
+    tensor_tflops: tuple[tuple[str, float], ...] = ()
     source: str = field(default="", compare=False)  # file it was read from, for messages
 
     @property
@@ -100,6 +135,18 @@ class TargetConfig:
     @property
     def capability(self) -> tuple[int, int] | None:
         return ARCH_CAPABILITY[self.arch]
+
+    def peak_tflops(self, precision: str) -> float | None:
+        """Dense tensor-core TFLOPS of `precision` on this target (None when the file gives none)."""
+        return dict(self.tensor_tflops).get(precision)
+
+    def with_parallel(self, tensor_parallel: int | None = None, pipeline_parallel: int | None = None) -> TargetConfig:
+        """This target with another tensor/pipeline-parallel size (the `--tp/--pp` flags), validated like the
+        file (the checkpoint-dependent checks are in `plan.check_parallel`)."""
+        tp = self.parallel.tensor_parallel if tensor_parallel is None else tensor_parallel
+        pp = self.parallel.pipeline_parallel if pipeline_parallel is None else pipeline_parallel
+        _check_parallel_sizes(tp, pp, self, f"target {self.name}", flags=True)
+        return dataclasses.replace(self, parallel=ParallelOptions(tensor_parallel=tp, pipeline_parallel=pp))
 
     def with_llm_precision(self, precision: str) -> TargetConfig:
         """This target with another LLM precision (e.g. b200 with fp8), validated like the file."""
@@ -121,6 +168,7 @@ _TOP_KEYS: dict[str, type | tuple[type, ...]] = {
     "hbm_bandwidth_gbps": (int, float), "llm_precision": str, "llm_precision_options": list,
     "vision_precision": str, "kv_cache_dtype": str, "memory_fraction": (int, float),
     "decode_context_fraction": (int, float), "limits": dict, "vision": dict, "trtllm": dict,
+    "parallel": dict, "serving": dict, "tensor_tflops": dict,
 }
 _REQUIRED_TOP = ("name", "arch", "gpu_memory_gib", "hbm_bandwidth_gbps", "llm_precision", "vision_precision",
                  "kv_cache_dtype", "limits")
@@ -131,6 +179,12 @@ _TRTLLM_KEYS: dict[str, type | tuple[type, ...]] = {
     "free_gpu_memory_fraction": (int, float), "enable_block_reuse": bool, "mamba_ssm_cache_dtype": str,
     "enable_chunked_prefill": bool, "cuda_graph_batch_sizes": list,
 }
+_PARALLEL_KEYS: dict[str, type | tuple[type, ...]] = {"tensor_parallel": int, "pipeline_parallel": int}
+_SERVING_KEYS: dict[str, type | tuple[type, ...]] = {
+    "preprocessor_instances": int, "vision_instances": int, "cpu_ms_per_image": (int, float),
+    "cpu_ms_per_video_frame": (int, float),
+}
+_TFLOPS_KEYS: dict[str, type | tuple[type, ...]] = {p: (int, float) for p in PRECISION_BYTES}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", list: "a list", dict: "a mapping",
                (int, float): "a number"}
 
@@ -175,6 +229,24 @@ def _check_arch(t: TargetConfig, where: str) -> None:
                           f"(ONNX Runtime CPU runs the encoder in fp32).")
 
 
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _check_parallel_sizes(tp: Any, pp: Any, target: TargetConfig | None, where: str, flags: bool = False) -> None:
+    """tp and pp: integers, powers of two ≥ 1, tp·pp ≤ MAX_WORLD_SIZE; both 1 on a cpu target."""
+    names = ("--tp", "--pp") if flags else ("'parallel.tensor_parallel'", "'parallel.pipeline_parallel'")
+    for name, value in zip(names, (tp, pp), strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or not _is_power_of_two(value):
+            raise TargetError(f"{where}: {name} must be a power of two >= 1 (1, 2, 4, 8), got {value!r}.")
+    if tp * pp > MAX_WORLD_SIZE:
+        raise TargetError(f"{where}: tensor_parallel × pipeline_parallel = {tp} × {pp} = {tp * pp} GPUs is more "
+                          f"than one {MAX_WORLD_SIZE}-GPU node; one replica must fit in a node.")
+    if target is not None and not target.is_gpu and tp * pp != 1:
+        raise TargetError(f"{where}: a cpu target runs the CPU reference engine in one process, so tensor_parallel "
+                          f"and pipeline_parallel must be 1 (got {tp} and {pp}).")
+
+
 def parse_target(d: Any, where: str) -> TargetConfig:
     """Validate a target mapping (as read from YAML) into a `TargetConfig`; `where` names the file."""
     if not isinstance(d, dict):
@@ -190,6 +262,19 @@ def parse_target(d: Any, where: str) -> TargetConfig:
             raise TargetError(f"{where}: missing the key 'limits.{key}'.")
     _check_section(vision_d, _VISION_KEYS, where, "vision.")
     _check_section(trt_d, _TRTLLM_KEYS, where, "trtllm.")
+    par_d, srv_d, tflops_d = d.get("parallel", {}), d.get("serving", {}), d.get("tensor_tflops", {})
+    _check_section(par_d, _PARALLEL_KEYS, where, "parallel.")
+    _check_section(srv_d, _SERVING_KEYS, where, "serving.")
+    _check_section(tflops_d, _TFLOPS_KEYS, where, "tensor_tflops.")
+    for key in ("preprocessor_instances", "vision_instances"):
+        if key in srv_d and srv_d[key] < 1:
+            raise TargetError(f"{where}: 'serving.{key}' must be >= 1, got {srv_d[key]}.")
+    for key in ("cpu_ms_per_image", "cpu_ms_per_video_frame"):
+        if key in srv_d and not srv_d[key] > 0:
+            raise TargetError(f"{where}: 'serving.{key}' must be > 0, got {srv_d[key]}.")
+    for key, value in tflops_d.items():
+        if not value > 0:
+            raise TargetError(f"{where}: 'tensor_tflops.{key}' must be > 0, got {value}.")
 
     arch = d["arch"]
     if arch not in ARCH_CAPABILITY:
@@ -252,9 +337,18 @@ def parse_target(d: Any, where: str) -> TargetConfig:
         decode_context_fraction=float(d.get("decode_context_fraction", 0.5)),
         vision=VisionOptions(**{k: (float(v) if k == "max_abs_error" else v) for k, v in vision_d.items()}),
         trtllm=TrtllmOptions(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in trt_d.items()}),
+        parallel=ParallelOptions(**par_d),
+        serving=ServingOptions(**{k: (float(v) if k.startswith("cpu_ms") else v) for k, v in srv_d.items()}),
+        tensor_tflops=tuple(sorted((k, float(v)) for k, v in tflops_d.items())),
         source=where,
     )
     _check_arch(target, where)
+    _check_parallel_sizes(target.parallel.tensor_parallel, target.parallel.pipeline_parallel, target, where)
+    if tflops_d:
+        for p in (target.llm_precision, *target.llm_precision_options):
+            if p not in tflops_d:
+                raise TargetError(f"{where}: 'tensor_tflops' has no entry for LLM precision {p} "
+                                  f"(the prefill roofline needs one per llm_precision_options entry).")
     return target
 
 

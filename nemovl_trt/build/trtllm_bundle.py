@@ -163,6 +163,9 @@ def llm_api_options(target: TargetConfig, plan: MemoryPlan) -> dict[str, Any]:
         # the model type is not built into transformers: its config class comes from the bundle's remote
         # code (auto_map), and TensorRT-LLM's Nano VL input processor refuses to run without this
         "trust_remote_code": True,
+        # one replica spans tp × pp GPUs of one node; LLM(...) needs that many visible devices
+        "tensor_parallel_size": plan.tensor_parallel_size,
+        "pipeline_parallel_size": plan.pipeline_parallel_size,
         "max_batch_size": plan.engine_max_batch_size,
         "max_num_tokens": plan.max_num_tokens,
         "max_seq_len": plan.max_seq_len,
@@ -189,7 +192,8 @@ def write_llm_api_options(target: TargetConfig, plan: MemoryPlan, llm_dir: Path)
     path = llm_dir / LLM_API_OPTIONS_FILE
     header = (f"# TensorRT-LLM LLM-API options for target {target.name} ({target.arch}), from `nemovl-build plan`:\n"
               f"# {plan.max_batch_size} sequences fit at max_seq_len {plan.max_seq_len}; target cap "
-              f"{plan.max_batch_size_configured}.\n")
+              f"{plan.max_batch_size_configured}; world size {plan.world_size} (tp "
+              f"{plan.tensor_parallel_size} × pp {plan.pipeline_parallel_size}).\n")
     path.write_text(header + yaml.safe_dump(llm_api_options(target, plan), sort_keys=False), encoding="utf-8")
     return path
 

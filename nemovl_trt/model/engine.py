@@ -13,6 +13,11 @@ A request with n choices is prefilled once: the forked states share the prompt's
 replaces a state's tensors when it advances, never writes into them), so a fork costs no copy.
 Logit processing, logprobs and grammar masks: `model.sampling` and `model.grammar`.
 
+Errors: an exception while prefilling a request, or while sampling one choice's token (e.g. a logits
+processor raising), ends only that request's choice(s) with finish_reason "error:<message>"; a failing
+batched decode forward ends the choices of that forward call the same way. Every other sequence goes on,
+and `step()` itself does not raise for them.
+
 Threading: `add` and `cancel` may be called from any thread (they only touch queues under a lock);
 `step` must be called from one thread at a time (it takes the queued work under the same lock and
 then computes without holding it).
@@ -43,6 +48,7 @@ from nemovl_trt.model.vlm import NemotronVLM
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+FINISH_ERROR_PREFIX = "error:"  # finish_reason of a choice that failed: "error:<message>" (engine_api.py)
 
 TopLogprobs = tuple[tuple[int, float], ...]
 
@@ -50,7 +56,8 @@ TopLogprobs = tuple[tuple[int, float], ...]
 @dataclass(frozen=True)
 class StepOutput:
     """One event of a request's choice: a new token (token_id), and whether the choice has finished.
-    finish_reason is None while running, then "stop", "length" or "cancelled" (token_id None).
+    finish_reason is None while running, then "stop", "length", "cancelled" (token_id None) or
+    "error:<message>" (token_id None: this choice failed, see the module docstring).
     `index` is the choice; `logprob` / `top_logprobs` are set when the request asked for logprobs;
     `prompt_logprobs` (first event of choice 0 only, when asked) has one entry per prompt token, the first
     None (nothing precedes it)."""
@@ -179,11 +186,33 @@ class ReferenceEngine:
         new = [r for r in new if r.open_choices > 0]
         decoding = list(self._running.values())
         for req in new:
-            out.extend(self._prefill(req))
+            try:
+                out.extend(self._prefill(req))
+            except Exception as e:  # noqa: BLE001 - this request alone fails; the batch goes on
+                out.extend(self._fail_request(req, e))
         size = self.max_batch_size or max(1, len(decoding))
         for start in range(0, len(decoding), size):
-            out.extend(self._decode(decoding[start:start + size]))
+            part = decoding[start:start + size]
+            try:
+                out.extend(self._decode(part))
+            except Exception as e:  # noqa: BLE001 - the batched forward failed: its choices end, others go on
+                out.extend(self._fail_choice(c, e) for c in part if c.key in self._running)
         return out
+
+    def _fail_request(self, req: _Request, error: Exception) -> list[StepOutput]:
+        """End every choice of `req` that has not ended yet with "error:<message>" (prefill failures)."""
+        out = [self._fail_choice(c, error) for k, c in list(self._running.items()) if k[0] == req.request_id]
+        started = {o.index for o in out}
+        for i in range(req.params.n):
+            if i not in req.skip and i not in started and req.open_choices > 0:
+                req.skip.add(i)
+                out.append(self._close(req, i, FINISH_ERROR_PREFIX + _message(error)))
+        return out
+
+    def _fail_choice(self, c: _Choice, error: Exception) -> StepOutput:
+        self._running.pop(c.key, None)
+        c.state = None
+        return self._close(c.req, c.index, FINISH_ERROR_PREFIX + _message(error))
 
     # ------------------------------------------------------------------------------------ internals
     def _apply_cancel(self, rid: str, index: int | None, new: list[_Request]) -> list[StepOutput]:
@@ -231,7 +260,10 @@ class ReferenceEngine:
             if req.params.grammar is not None:
                 c.matcher = req.params.grammar.matcher()
             self._running[c.key] = c
-            out.append(self._accept(c, last, prompt_lp if j == 0 else None))
+            try:
+                out.append(self._accept(c, last, prompt_lp if j == 0 else None))
+            except Exception as e:  # noqa: BLE001 - this choice alone fails
+                out.append(self._fail_choice(c, e))
         return out
 
     def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> tuple:
@@ -254,7 +286,13 @@ class ReferenceEngine:
         device = lm.lm_head.weight.device
         ids = torch.tensor([[c.last_token] for c in batch], dtype=torch.int64, device=device)  # [B,1]
         logits = lm.forward_embeds(lm.embed_tokens(ids), [c.state for c in batch], last_only=True)  # [B,V]
-        return [self._accept(c, logits[i]) for i, c in enumerate(batch)]
+        out = []
+        for i, c in enumerate(batch):
+            try:
+                out.append(self._accept(c, logits[i]))
+            except Exception as e:  # noqa: BLE001 - this choice alone fails
+                out.append(self._fail_choice(c, e))
+        return out
 
     def _accept(self, c: _Choice, logits: torch.Tensor, prompt_lp: tuple | None = None) -> StepOutput:
         """Process logits [V], draw the choice's token, record it, decide whether the choice is finished."""
@@ -293,15 +331,23 @@ class ReferenceEngine:
         return self._close(c.req, c.index, reason, tok, **lp)
 
 
+def _message(error: Exception) -> str:
+    """One line naming the failure (the exception's text, else its type)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def generate(model: NemotronVLM, input_ids: Sequence[int], mm_embeddings: torch.Tensor | None = None,
              params: SamplingParams | None = None, eos_ids: Sequence[int] = ()) -> list[int]:
     """Generate for one prompt with a private engine; returns the new token ids (stop token included) of
-    choice 0."""
+    choice 0. Raises RuntimeError when that choice fails."""
     engine = ReferenceEngine(model, eos_ids)
     engine.add("generate", input_ids, mm_embeddings, params or SamplingParams())
     tokens: list[int] = []
     while engine.has_work():
         for ev in engine.step():
+            if ev.index == 0 and ev.finish_reason and ev.finish_reason.startswith(FINISH_ERROR_PREFIX):
+                raise RuntimeError(f"generation failed: {ev.finish_reason[len(FINISH_ERROR_PREFIX):]}")
             if ev.token_id is not None and ev.index == 0:
                 tokens.append(ev.token_id)
     return tokens

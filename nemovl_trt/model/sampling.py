@@ -8,7 +8,8 @@ The order of the logit processing (the OpenAI / vLLM definitions):
   3. `frequency_penalty` f and `presence_penalty` r (OpenAI): logit -= f · count + r · (count > 0), where
      count is how often the token occurs in the output so far;
   4. the grammar mask (structured output): disallowed tokens get −inf;
-  5. temperature T: logits / T (T = 0 is greedy: argmax, and logprobs are taken at T = 1).
+  5. temperature T: logits / T (T below GREEDY_TEMPERATURE, T = 0 included, is greedy: argmax, and logprobs
+     are taken at T = 1).
 The log-softmax after step 5 is the distribution that `logprobs` reports; top-k / top-p then truncate it
 for the draw (they do not change the reported logprobs).
 """
@@ -23,6 +24,12 @@ import torch
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs cap)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI: each bias is in [-100, 100]
+# Temperatures below this are greedy (argmax), never a division. Why: logits / T overflows fp32 to inf once
+# |logit| / T > 3.4e38 (T = FLT_MIN = 1.18e-38 does it for any logit > 4), and softmax of several infs is NaN,
+# which makes torch.multinomial raise mid-stream. At T = 1e-5 a logit gap of 1e-3 already weights the runner-up
+# by e^-100, so the draw is the argmax in all but exact ties: treating it as greedy changes no real answer,
+# while |logit| / 1e-5 stays far inside fp32 (logits would need to exceed 3e33).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,8 @@ class SamplingParams:
     """Per-request generation settings.
 
     max_new_tokens: tokens to generate at most per choice (finish_reason "length" when reached).
-    temperature: 0 → greedy (argmax); > 0 → sample from softmax(processed logits / temperature).
+    temperature: below GREEDY_TEMPERATURE (0 included) → greedy (argmax); else sample from
+    softmax(processed logits / temperature).
     top_p: nucleus mass in (0, 1]; 1 disables. top_k: keep the k best logits; 0 disables.
     seed: seeds choice 0's generator; choice i uses a seed derived from (seed, i) (None → OS entropy).
     stop_token_ids: extra ids that end a choice with "stop" (the token is emitted).
@@ -86,6 +94,11 @@ class SamplingParams:
                 raise ValueError(f"logit_bias names token {tok}, outside the vocabulary [0, {vocab_size}).")
             if not (-LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}.")
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether the next token is the argmax (temperature below GREEDY_TEMPERATURE, see there)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_history(self) -> bool:
@@ -147,7 +160,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: Histor
             x = x - params.presence_penalty * (history.counts > 0).float()
     if allowed is not None:
         x = x.masked_fill(~allowed, -math.inf)
-    if params.temperature > 0.0:
+    if not params.is_greedy:
         x = x / params.temperature
     return x
 
@@ -176,9 +189,10 @@ def truncate(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def draw(scaled: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from processed logits [V] (`process_logits`): argmax when temperature == 0
-    (no random draw), else one multinomial draw after top-k / top-p with the choice's generator."""
-    if params.temperature == 0.0:
+    """Pick the next token from processed logits [V] (`process_logits`): argmax when the params are greedy
+    (temperature below GREEDY_TEMPERATURE; no random draw), else one multinomial draw after top-k / top-p with
+    the choice's generator."""
+    if params.is_greedy:
         return int(torch.argmax(scaled))
     probs = torch.softmax(truncate(scaled, params.top_k, params.top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -25,17 +25,32 @@ The fast path below produces bit-identical float32 tensors:
   the resizes (Pillow resamples each channel on its own, so R, G, B are the same as for an RGB
   image); X is ignored.
 * When the grid's pixel size equals the image size, the resize is skipped (Pillow returns a copy).
-* Normalization is fused with the HWC→CHW tile layout and done in cache-sized row blocks:
-  uint8→float32, then in place ``/255``, ``−mean``, ``/std`` — the same float32 IEEE operations in
-  the same order as the reference, so the result is bit-identical (checked by the tests against a
-  plain Pillow + numpy computation).
-* The thumbnail is resized and normalized in a worker thread, and half of the grid tiles are
-  normalized in another, while this thread does the rest (Pillow and numpy release the GIL).
+* Resize (when numba is installed; issue 17): Pillow's bicubic resize is restated as integer
+  kernels compiled by numba (`_bicubic_coeffs` reproduces Pillow's fixed-point weights double for
+  double; the passes do Pillow's integer sums, rounding, clamping and pass order). It is bit-exact
+  with Pillow — checked by the tests on random sizes and images, and once per process against the
+  installed Pillow (`_fast_path_ok`), falling back to Pillow's own resize on any difference, when
+  numba is missing, or with ``NEMOVL_IMAGE_KERNELS=pillow``.
+* Normalization is a float32 lookup table per channel: ``((v / 255) − mean) / std`` for the 256
+  values of v, computed with the same float32 operations in the same order as the reference, so a
+  lookup is the reference's value (checked bit for bit by the tests), written straight into the
+  CHW tiles. (Without numba: uint8→float32, then in place ``/255``, ``−mean``, ``/std`` in row blocks.)
+* Threads (numba kernels and simplejpeg release the GIL): the output is allocated and its pages
+  faulted on a worker while this thread decodes; then the thumbnail and the grid are cut into bands
+  of output rows, each task resizing one band and normalizing it into its tiles, and this thread and
+  a worker share the tasks (one wait per image). Several images of one request are processed side
+  by side, one per worker (`preprocess_images`).
 
-Cost (2048×1536 JPEG → 13 tiles, one quiet core): decode ≈ 26 ms, the exact Pillow bicubic
-thumbnail ≈ 35 ms, normalization of 13 tiles (40 MB of float32) ≈ 25 ms. The thumbnail alone
-costs more than the decode, so "within 2× of the decode" needs free cores for the thread above.
-(Splitting Pillow's resize into row bands with ``box=`` was tried and is *not* bit-exact.)
+Cost (2048×1536 JPEG → 13 tiles, CPU time per stage, shared 2-core machine): decode ≈ 14 ms;
+with the kernels: thumbnail horizontal pass ≈ 7.5 ms, vertical ≈ 1.5 ms, normalization of 13 tiles
+(40 MB of float32, memory-bound) ≈ 5.5 ms plus ≈ 6 ms of first-touch page faults (moved onto a
+worker during the decode); with Pillow + numpy: thumbnail ≈ 22 ms, normalization ≈ 19 ms. Whole
+path: ≈ 36 ms of CPU, ≈ 23 ms of it on the calling thread (1.6× the decode), vs ≈ 57 ms before. Splitting Pillow's resize into row bands with ``box=``
+is *not* bit-exact (the band's coordinates change the weights' rounding); splitting our kernels by
+output rows is, since every output row has its own weights. Dropped as not exact: DCT-scaled
+decoding before the thumbnail resize (Pillow ``draft`` to 1024×768: up to 6 levels off on 59 % of
+the thumbnail's values), torch's antialiased bicubic (off by 1 on 40 of 786 432 values; its weights
+are 16-bit), OpenCV's INTER_CUBIC (another filter, a = −0.75, no antialiasing).
 
 Decompression bombs: the size is read from the header first (simplejpeg's JPEG header, the PNG
 IHDR chunk, the WEBP VP8X / VP8 / VP8L header; lazy ``Image.open`` otherwise) and images over
@@ -44,13 +59,16 @@ IHDR chunk, the WEBP VP8X / VP8 / VP8L header; lazy ``Image.open`` otherwise) an
 
 from __future__ import annotations
 
+import functools
 import io
+import math
+import mmap
 import os
 import struct
 import threading
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,8 +323,370 @@ def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(_as_pil(rgb).resize((width, height), Image.Resampling.BICUBIC))
 
 
+# ------------------------------------------------------------------ exact bicubic kernels (numba)
+# Pillow's 8-bit bicubic resize (src/libImaging/Resample.c, python-pillow/Pillow; read at commit
+# 01f132fb086af790cbd67cfb0ad9aaac607ef567 and checked against the installed Pillow by the tests and
+# by `_fast_path_ok`), restated: per axis, for output index i, center = (i + 0.5)·scale, taps
+# [xmin, xmin + n) around it, weights bicubic(a = −0.5) of ((tap − center + 0.5) / max(scale, 1)),
+# normalised by their sequential double sum and rounded to fixed point with 22 fractional bits;
+# every pass accumulates ``2^21 + Σ pixel·weight`` in integers, shifts by 22 and clamps to 0..255
+# (an 8-bit intermediate between the passes). Pillow runs the vertical pass first when the height
+# shrinks and ``(H − h) > 2·(W − w)``, else the horizontal pass first (measured on Pillow 13.0.0 over
+# random sizes; the order changes the rounding of the intermediate, so it is part of "exact").
+# The kernels below do the same integer arithmetic, vectorised by LLVM (4 channels per pixel, RGBX).
+_PRECISION_BITS = 22  # Pillow: 32 − 8 − 2 (8 bits of result, 2 of headroom for negative lobes)
+_BICUBIC_SUPPORT = 2.0
+_BICUBIC_A = -0.5
+_HPASS_ROWS = 32  # rows per transposed block in hpass (32·W·4 bytes: 256 KiB at W = 2048, in L2)
+_HPASS_CHUNK = 16  # columns per transposition step (16 × 32 × 4 B, in L1)
+_BANDS = 4  # row bands of one `_resize_exact` when parallel (work sharing over two threads)
+_THUMB_BANDS = 2  # thumbnail bands: one per thread, the largest tasks, taken first
+_GRID_BANDS_PER_ROW = 2  # grid bands per tile row: small tasks that even out the two threads
+_FAST_ENV = "NEMOVL_IMAGE_KERNELS"  # "pillow" forces the plain Pillow path (the kernels stay unused)
+
+
+@functools.lru_cache(maxsize=64)
+def _bicubic_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's fixed-point bicubic weights for resizing one axis from `in_size` to `out_size`.
+
+    Returns ``(first, count, weights)``: int32 [out], int32 [out], int32 [out, ksize]; output i
+    reads inputs ``first[i] .. first[i] + count[i] − 1`` with ``weights[i, :count[i]]`` (scaled by
+    2^22). Every float64 operation is the one Pillow does, one numpy op each (no fused multiply-add,
+    no pairwise sums), so the doubles and hence the rounded integers are the same.
+    """
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = _BICUBIC_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = 0.0 + (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    inv = 1.0 / filterscale
+    first = np.maximum(np.trunc(center - support + 0.5), 0.0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(ksize)
+    valid = taps[None, :] < count[:, None]
+    x = np.abs(((taps[None, :] + first[:, None]).astype(np.float64) - center[:, None] + 0.5) * inv)
+    near = ((_BICUBIC_A + 2.0) * x - (_BICUBIC_A + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * _BICUBIC_A
+    w = np.where(valid, np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0)), 0.0)
+    total = np.zeros(out_size, dtype=np.float64)
+    for k in range(ksize):  # sequential sum, tap by tap, as in C
+        total = total + w[:, k]
+    nonzero = total != 0.0
+    w = np.where(nonzero[:, None], w / np.where(nonzero, total, 1.0)[:, None], w)
+    fixed = w * float(1 << _PRECISION_BITS)
+    weights = np.where(w < 0, np.trunc(-0.5 + fixed), np.trunc(0.5 + fixed))
+    return first.astype(np.int32), count.astype(np.int32), np.where(valid, weights, 0).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [3, 256]: ``((v / 255) − mean[c]) / std[c]`` for every uint8 v, each step a float32
+    IEEE operation in the reference's order, so a lookup gives the reference's exact values."""
+    v = np.arange(256, dtype=np.float32)[None, :]
+    m, s = _mean_std(mean, std)
+    lut = (v / np.float32(255.0) - m[:, :, 0]) / s[:, :, 0]
+    lut.setflags(write=False)
+    return lut
+
+
+def _define_kernels():  # noqa: ANN202 - numba dispatchers, or None without numba
+    """(hpass, vpass, normalize), compiled on first call (or loaded from numba's on-disk cache).
+    numba is optional and imported only here (it costs ≈ 0.5 s to import)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    njit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    half = 1 << (_PRECISION_BITS - 1)
+    shift = _PRECISION_BITS
+    block = _HPASS_ROWS
+    lanes = 4 * _HPASS_ROWS
+    chunk = _HPASS_CHUNK
+
+    @njit
+    def hpass(src32, row0, first, count, weights, dst):  # noqa: ANN001, ANN202
+        # dst[r, o, :] = clip8((2^21 + Σ_k src[row0 + r, first[o] + k, :] · w[o, k]) >> 22), src32 being
+        # the RGBX rows as uint32 [H, W]. Blocks of `block` rows are first transposed into `buf`
+        # ([W, block·4] bytes, in column chunks to stay in cache) so that the multiply-adds run over
+        # `lanes` contiguous values with a trip count known at compile time (SIMD), as in vpass. The
+        # lanes of a last, partial block hold stale rows: computed and dropped.
+        width = src32.shape[1]
+        buf32 = np.zeros((width, block), dtype=np.uint32)
+        buf = buf32.view(np.uint8).reshape(width, lanes)
+        acc = np.empty(lanes, dtype=np.int32)
+        for b0 in range(0, dst.shape[0], block):
+            nb = min(block, dst.shape[0] - b0)
+            for x0 in range(0, width, chunk):
+                x1 = min(x0 + chunk, width)
+                for r in range(nb):
+                    line = src32[row0 + b0 + r]
+                    for x in range(x0, x1):
+                        buf32[x, r] = line[x]
+            for o in range(dst.shape[1]):
+                for j in range(lanes):
+                    acc[j] = half
+                m = first[o]
+                for k in range(count[o]):
+                    c = weights[o, k]
+                    column = buf[m + k]
+                    for j in range(lanes):
+                        acc[j] += np.int32(column[j]) * c
+                for r in range(nb):
+                    for ch in range(4):
+                        dst[b0 + r, o, ch] = min(max(acc[r * 4 + ch] >> shift, 0), 255)
+
+    @njit
+    def vpass(src, row_off, first, count, weights, o0, dst):  # noqa: ANN001, ANN202
+        # src, dst: [rows, W·4] views; dst[i] = clip8(2^21 + Σ_k src[first[o0+i] − row_off + k] · w)
+        n = dst.shape[1]
+        acc = np.empty(n, dtype=np.int64)
+        for i in range(dst.shape[0]):
+            o = o0 + i
+            for x in range(n):
+                acc[x] = half
+            for k in range(count[o]):
+                c = weights[o, k]
+                line = src[first[o] - row_off + k]
+                for x in range(n):
+                    acc[x] += line[x] * c
+            for x in range(n):
+                dst[i, x] = min(max(acc[x] >> shift, 0), 255)
+
+    @njit
+    def normalize(src, y_start, cols, tile, lut, out):  # noqa: ANN001, ANN202
+        # src: uint8 [n, cols·tile, 4], rows y_start .. y_start + n of an image cut into row-major
+        # tile×tile tiles; writes those rows of every tile they cross into out [tiles, 3, tile, tile]
+        # as lut[c, value] (float32, CHW)
+        for i in range(src.shape[0]):
+            y = y_start + i
+            tile_row = y // tile
+            ty = y - tile_row * tile
+            line = src[i]
+            for q in range(cols):
+                t = tile_row * cols + q
+                x0 = q * tile
+                for x in range(tile):
+                    out[t, 0, ty, x] = lut[0, line[x0 + x, 0]]
+                    out[t, 1, ty, x] = lut[1, line[x0 + x, 1]]
+                    out[t, 2, ty, x] = lut[2, line[x0 + x, 2]]
+
+    return hpass, vpass, normalize
+
+
+_KERNELS = None  # (hpass, vpass, normalize) once `_fast_path_ok` has built and checked them
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """`n` items in ≤ `parts` contiguous (start, stop) ranges of near-equal size."""
+    parts = max(1, min(parts, n))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(parts) if edges[i + 1] > edges[i]]
+
+
+def _run_tasks(tasks: list[Callable[[], object]], parallel: bool) -> None:
+    """Run independent `tasks`; when `parallel`, this thread and one worker take them in turn from a
+    shared list (work sharing, so uneven tasks still balance over the two)."""
+    if not parallel or len(tasks) < 2 or _POOL_WORKERS < 2:
+        for t in tasks:
+            t()
+        return
+    nxt = iter(range(len(tasks)))
+    lock = threading.Lock()
+
+    def loop() -> None:
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            tasks[i]()
+
+    future = _pool().submit(loop)
+    loop()
+    if not future.cancel():  # a worker busy elsewhere never started it: nothing left to wait for
+        future.result()
+
+
+def _resize_band(rgbx: np.ndarray, width: int, height: int, o0: int, o1: int,
+                 dst: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``o0 .. o1`` of Pillow's ``resize((width, height), BICUBIC)`` of RGBX uint8 [H, W, 4]
+    (C-contiguous), bit for bit: uint8 [o1 − o0, width, 4], written into `dst` when given.
+
+    Every output row has its own weights, so bands are independent and any split is exact; with the
+    horizontal pass first, a band resamples the input rows its vertical taps read (neighbouring bands
+    recompute the few rows they share, ≈ 2 × support, with the same result)."""
+    hpass, vpass, _ = _KERNELS
+    in_h, in_w = rgbx.shape[:2]
+    n = o1 - o0
+    need_h, need_v = width != in_w, height != in_h
+    if not (need_h or need_v) and dst is None:
+        return rgbx[o0:o1]  # a view: Pillow's same-size resize is a copy of the same pixels
+    if dst is None:
+        dst = np.empty((n, width, 4), dtype=np.uint8)
+    src32 = rgbx.view(np.uint32).reshape(in_h, in_w)
+    if not need_v:
+        if not need_h:
+            dst[...] = rgbx[o0:o1]
+        else:
+            xf, xc, xw = _bicubic_coeffs(in_w, width)
+            hpass(src32, o0, xf, xc, xw, dst)
+        return dst
+    yf, yc, yw = _bicubic_coeffs(in_h, height)
+    if not need_h:
+        vpass(rgbx.reshape(in_h, in_w * 4), 0, yf, yc, yw, o0, dst.reshape(n, width * 4))
+        return dst
+    xf, xc, xw = _bicubic_coeffs(in_w, width)
+    if in_h >= height and (in_h - height) > 2 * (in_w - width):  # Pillow's pass order: vertical first
+        tmp = np.empty((n, in_w, 4), dtype=np.uint8)
+        vpass(rgbx.reshape(in_h, in_w * 4), 0, yf, yc, yw, o0, tmp.reshape(n, in_w * 4))
+        hpass(tmp.view(np.uint32).reshape(n, in_w), 0, xf, xc, xw, dst)
+        return dst
+    r0 = int(yf[o0:o1].min())  # input rows the band's vertical taps read
+    r1 = int((yf[o0:o1] + yc[o0:o1]).max())
+    tmp = np.empty((r1 - r0, width, 4), dtype=np.uint8)
+    hpass(src32, r0, xf, xc, xw, tmp)
+    vpass(tmp.reshape(r1 - r0, width * 4), r0, yf, yc, yw, o0, dst.reshape(n, width * 4))
+    return dst
+
+
+def _resize_exact(rgbx: np.ndarray, width: int, height: int, parallel: bool = False) -> np.ndarray:
+    """Pillow's ``resize((width, height), BICUBIC)`` of RGBX uint8 [H, W, 4], bit for bit, with the
+    kernels. Returns uint8 [height, width, 4] (RGB in the first three channels)."""
+    rgbx = np.ascontiguousarray(rgbx)
+    if rgbx.shape[:2] == (height, width):
+        return rgbx
+    out = np.empty((height, width, 4), dtype=np.uint8)
+    par = parallel and _POOL_WORKERS > 1
+    _run_tasks([functools.partial(_resize_band, rgbx, width, height, a, b, out[a:b])
+                for a, b in _split(height, _BANDS if par else 1)], par)
+    return out
+
+
+def _as_rgbx(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 4] with RGB in the first three channels (no copy when already RGBX)."""
+    if rgb.shape[-1] == 4:
+        return rgb
+    out = np.empty(rgb.shape[:2] + (4,), dtype=np.uint8)
+    out[..., :3] = rgb
+    out[..., 3] = 0
+    return out
+
+
+def _tiles_fast(rgb: np.ndarray, cols: int, rows: int, tile: int, thumb: bool, mean: Sequence[float],
+                std: Sequence[float], parallel: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """`image_to_tiles` with the kernels. The thumbnail and the grid are cut into bands of output
+    rows; each task resizes one band and normalizes it into its tiles, so all tasks are independent:
+    this thread and a worker share them (one wait in all), the thumbnail's larger bands first.
+    `out`: an already allocated (and page-faulted) float32 result, or None."""
+    normalize = _KERNELS[2]
+    rgbx = np.ascontiguousarray(_as_rgbx(rgb))  # one array layout: no new compilation at run time
+    lut = _norm_lut(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    n_grid = cols * rows
+    shape = (n_grid + (1 if thumb else 0), 3, tile, tile)
+    if out is None or out.shape != shape or out.dtype != np.float32:
+        out = np.empty(shape, dtype=np.float32)
+    par = parallel and _POOL_WORKERS > 1
+
+    def job(width: int, height: int, n_cols: int, dst: np.ndarray, a: int, b: int) -> None:
+        normalize(_resize_band(rgbx, width, height, a, b), a, n_cols, tile, lut, dst)
+
+    tasks = []
+    if thumb:
+        tasks += [functools.partial(job, tile, tile, 1, out[n_grid:], a, b)
+                  for a, b in _split(tile, _THUMB_BANDS if par else 1)]
+    tasks += [functools.partial(job, tile * cols, tile * rows, cols, out[:n_grid], a, b)
+              for a, b in _split(tile * rows, _GRID_BANDS_PER_ROW * rows if par else 1)]
+    _run_tasks(tasks, par)
+    return out
+
+
+def _touched_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """np.empty(shape, float32) with every page written once: the kernel's page faults (zeroing 40 MB
+    for 13 tiles, ≈ 6 ms of CPU) are paid here, on a worker while the image is still being decoded."""
+    out = np.empty(shape, dtype=np.float32)
+    out.reshape(-1)[:: max(1, mmap.PAGESIZE // 4)] = 0.0
+    return out
+
+
+def _prefault_output(data: bytes, max_num_tiles: int, tile: int, use_thumbnail: bool,
+                     max_pixels: int) -> Future | None:
+    """Start `_touched_empty` for the result of `data` on a worker (size from the header), or None
+    when the header can't tell or the image will be rejected anyway."""
+    try:
+        size = _container_size(data, sniff_image_format(data))
+    except PreprocessError:
+        return None
+    if size is None or size[0] * size[1] > max_pixels or min(size) < MIN_IMAGE_SIDE:
+        return None
+    n = num_tiles(size[0], size[1], max_num_tiles, tile, use_thumbnail)
+    return _pool().submit(_touched_empty, (n, 3, tile, tile))
+
+
+_FAST_OK: bool | None = None
+_FAST_LOCK = threading.Lock()
+
+
+def _fast_path_ok() -> bool:
+    """Whether the kernels are available and give Pillow's pixels here (checked once per process on
+    small random images covering both pass orders, up- and down-scaling; numba compiles on first use,
+    or loads its on-disk cache)."""
+    global _FAST_OK
+    if _FAST_OK is None:
+        with _FAST_LOCK:
+            if _FAST_OK is None:
+                _FAST_OK = _self_check()
+    return _FAST_OK
+
+
+def warmup() -> bool:
+    """Build (or load from numba's cache) and self-check the exact kernels now, so the first request
+    doesn't pay for it (a cold compile takes seconds). Returns True when the kernels are in use,
+    False when the Pillow path is (numba missing, a disagreement, or NEMOVL_IMAGE_KERNELS=pillow)."""
+    return _fast_path_ok()
+
+
+def _self_check() -> bool:
+    if os.environ.get(_FAST_ENV, "").strip().lower() == "pillow":
+        return False
+    try:
+        return _check_kernels()
+    except Exception as e:  # noqa: BLE001 - a compiler / platform failure: keep serving with Pillow
+        warnings.warn(f"exact bicubic kernels unavailable ({type(e).__name__}: {e}); using Pillow's resize",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _check_kernels() -> bool:
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _define_kernels()
+        if _KERNELS is None:
+            return False
+    rng = np.random.default_rng(0)
+    cases = [((97, 61), (40, 35)), ((61, 97), (70, 30)), ((50, 40), (131, 77)), ((120, 90), (64, 120)),
+             ((90, 120), (90, 50)), ((77, 130), (50, 70))]
+    for (w, h), (ow, oh) in cases:
+        rgbx = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        want = np.asarray(_as_pil(rgbx).resize((ow, oh), Image.Resampling.BICUBIC))[..., :3]
+        if not np.array_equal(_resize_exact(rgbx, ow, oh)[..., :3], want):
+            warnings.warn("exact bicubic kernels disagree with this Pillow; using Pillow's resize",
+                          RuntimeWarning, stacklevel=4)
+            return False
+    # the normalization kernel too (compiled here rather than on the first request)
+    tile, mean, std = 8, (0.5, 0.25, 0.125), (0.5, 0.75, 0.25)
+    rgbx = rng.integers(0, 256, (2 * tile, 3 * tile, 4), dtype=np.uint8)
+    got = np.empty((6, 3, tile, tile), dtype=np.float32)
+    _KERNELS[2](rgbx[:tile], 0, 3, tile, _norm_lut(mean, std), got)  # two bands of rows
+    _KERNELS[2](rgbx[tile:], tile, 3, tile, _norm_lut(mean, std), got)
+    m, s = _mean_std(mean, std)
+    want = np.empty_like(got)
+    _normalize_grid_into(rgbx, 3, 2, tile, m, s, want)
+    return bool(np.array_equal(got, want))
+
+
 def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], std: Sequence[float],
-                   tile: int = 512, use_thumbnail: bool = True, parallel: bool = True) -> np.ndarray:
+                   tile: int = 512, use_thumbnail: bool = True, parallel: bool = True,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """Tile and normalize one RGB image (docs/model.md §2.1–2.8).
 
     Args:
@@ -316,6 +696,7 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
         tile: tile side in pixels (checkpoint ``force_image_size``).
         use_thumbnail: checkpoint ``use_thumbnail``.
         parallel: resize/normalize the thumbnail and half of the grid tiles in worker threads.
+        out: optional float32 buffer of the result's shape to write into (used when it matches).
 
     Returns:
         float32 ``[n, 3, tile, tile]`` with n = `num_tiles`(W, H, max_num_tiles): grid tiles in
@@ -327,6 +708,15 @@ def image_to_tiles(rgb: np.ndarray, max_num_tiles: int, mean: Sequence[float], s
     cols, rows = tile_grid(width, height, max_num_tiles, tile)
     n_grid = cols * rows
     thumb = use_thumbnail and n_grid > 1
+    if _fast_path_ok():
+        return _tiles_fast(rgb, cols, rows, tile, thumb, mean, std, parallel, out=out)
+    return _tiles_pillow(rgb, cols, rows, tile, thumb, mean, std, parallel)
+
+
+def _tiles_pillow(rgb: np.ndarray, cols: int, rows: int, tile: int, thumb: bool, mean: Sequence[float],
+                  std: Sequence[float], parallel: bool) -> np.ndarray:
+    """`image_to_tiles` with Pillow's resize (the path when numba is missing; same output)."""
+    n_grid = cols * rows
     m, s = _mean_std(mean, std)
     out = np.empty((n_grid + (1 if thumb else 0), 3, tile, tile), dtype=np.float32)
 
@@ -377,20 +767,48 @@ class ImageTiles:
 
 def preprocess_image(data: bytes, max_num_tiles: int, mean: Sequence[float], std: Sequence[float],
                      tile: int = 512, use_thumbnail: bool = True,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageTiles:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, parallel: bool = True) -> ImageTiles:
     """Bytes → normalized tiles (decode_image + image_to_tiles). Raises PreprocessError."""
     _check_max_num_tiles(max_num_tiles)
+    pending = (_prefault_output(data, max_num_tiles, tile, use_thumbnail, max_pixels)
+               if (parallel and _POOL_WORKERS > 1 and isinstance(data, bytes) and _fast_path_ok()) else None)
     rgb = _decode(data, max_pixels, rgbx=True)
-    pv = image_to_tiles(rgb, max_num_tiles, mean, std, tile=tile, use_thumbnail=use_thumbnail)
+    # not started yet (the worker is busy elsewhere): cancel it and allocate here instead
+    out = None if pending is None or pending.cancel() else pending.result()
+    pv = image_to_tiles(rgb, max_num_tiles, mean, std, tile=tile, use_thumbnail=use_thumbnail,
+                        parallel=parallel, out=out)
     return ImageTiles(pixel_values=pv, num_tiles=int(pv.shape[0]), width=int(rgb.shape[1]),
                       height=int(rgb.shape[0]))
+
+
+_IMAGE_POOL: ThreadPoolExecutor | None = None
+
+
+def _image_pool() -> ThreadPoolExecutor:
+    """Workers for whole images of one request; separate from `_pool` (whose jobs an image's own
+    thread waits on), so the two never wait on each other."""
+    global _IMAGE_POOL
+    with _POOL_LOCK:
+        if _IMAGE_POOL is None:
+            _IMAGE_POOL = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="nemovl-img")
+        return _IMAGE_POOL
 
 
 def preprocess_images(images: Sequence[bytes], max_num_tiles: int, mean: Sequence[float],
                       std: Sequence[float], tile: int = 512, use_thumbnail: bool = True,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[int]]:
-    """Several images → (float32 [sum tiles, 3, tile, tile], tiles per image), each tiled independently."""
-    parts = [preprocess_image(d, max_num_tiles, mean, std, tile, use_thumbnail, max_pixels) for d in images]
+    """Several images → (float32 [sum tiles, 3, tile, tile], tiles per image), each tiled independently.
+
+    With several images they are decoded and tiled side by side in worker threads (the JPEG decode
+    is single-threaded, so one image per core uses the cores best), each image serially inside;
+    the first failing image (in order) raises, as it would serially."""
+    def one(d: bytes, parallel: bool = False) -> ImageTiles:
+        return preprocess_image(d, max_num_tiles, mean, std, tile, use_thumbnail, max_pixels, parallel=parallel)
+
+    if len(images) > 1 and _POOL_WORKERS > 1:
+        parts = list(_image_pool().map(one, images))
+    else:
+        parts = [one(d, parallel=True) for d in images]
     if not parts:
         return np.zeros((0, 3, tile, tile), dtype=np.float32), []
     return np.concatenate([p.pixel_values for p in parts], axis=0), [p.num_tiles for p in parts]

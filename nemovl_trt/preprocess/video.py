@@ -16,30 +16,57 @@ Sampling rule (`sample_indices`)
 
 Frame index k means the k-th frame in presentation order (pts order), as decord counts them.
 
-Decoder choice (measured, see benchmarks/preprocess_bench.py)
---------------------------------------------------------------
-On a 60 s 1280×720 30 fps H.264 clip (libx264 veryfast, B-frames), taking 128 frames on this
-2-core machine: decord ``get_batch`` 15.6 s, which is about the cost of decoding every frame and
-converting it to RGB (17.6 s with PyAV; decord seems to convert every decoded frame); a PyAV sequential
-pass that converts only the wanted frames 9.4 s; the same pass also dropping unwanted
-non-reference frames 6–8 s (the clip has 781 non-reference frames of 1800). PyAV is therefore
-the primary decoder:
+Decoder (measured, see benchmarks/video_bench.py and docs/benchmarks.md "Video path")
+------------------------------------------------------------------------------------
+PyAV is the primary decoder; every sampled frame is bit-identical to decoding every frame and
+keeping the sampled ones (tested on several GOP layouts, with and without B-frames, open GOPs,
+variable frame rate, MP4 / MKV / WEBM / MPEG-TS):
 
-1. a demux-only pass lists packet pts (exact frame count, pts → index map; no decoding);
-2. one sequential decode pass; for H.264 / HEVC, packets of unwanted frames are sent with
-   ``skip_frame = NONREF`` so the decoder drops them when no other frame references them
-   (reference frames are always fully decoded, so wanted frames are bit-identical to a full
-   decode — tested); only the wanted frames are converted to RGB; the pass stops after the last
-   wanted frame.
+1. one demux-only pass reads the packet index: pts, dts and keyframe flag of every packet
+   (exact frame count, pts → index map; nothing is decoded);
+2. `_plan_ranges` turns the sampled frames into decode ranges: each sampled frame needs the
+   packets from the last keyframe at or before it (in decode order, with pts not after it, so
+   open-GOP leading frames start one GOP earlier) up to its own packet; overlapping ranges merge.
+   Packets outside every range (the rest of a GOP after its last sampled frame, GOPs without
+   sampled frames) are never decoded;
+3. each range: seek to its keyframe when it lies ahead of the demux position (else demux
+   forward without decoding), decode the range, drain the decoder, reset it. For H.264 / HEVC,
+   packets of unwanted frames are sent with ``skip_frame = NONREF``: the decoder drops them only
+   when no other frame references them, so reference frames are always fully decoded; only the
+   wanted frames are converted to RGB;
+4. threads: several ranges are decoded at once by worker threads (consecutive groups of ranges
+   with equal packet counts), one single-threaded decoder each (PyAV releases the GIL while
+   decoding and converting): frame threading inside one decoder restarts its pipeline at every
+   range (measured: 60 % more CPU time for 128 frames of the libx264-default clip, about the same
+   on 1 s GOPs); a single range uses frame threading.
+
+What seeking can win is set by the GOP layout: every frame from a sampled frame's keyframe up to
+it must be decoded. Measured (benchmarks/video_bench.py, 2 shared cores, CPU-time ratios against
+decode-every-frame-and-convert): 60 s 720p, keyframe every second, no B-frames (phone camera):
+8 frames 12.5×, 32 frames 3.5×, 128 frames 1.4× (1425 of 1800 packets lie in the ranges: no exact
+decoder can do much better); libx264 defaults (keyint 250, B-frames) 8.5× / 3.4× / 1.9×; a
+10-minute 1080p phone clip 81× / 26× / 7.3×; all-intra 128 frames 8.7×.
+
+Any step that cannot be trusted (packets without pts, packets that neither dts nor pts identify,
+a seek that lands past the keyframe, a packet out of the index's order, a sampled frame that
+never came out) falls back to one sequential pass over the whole clip with the same skipping
+rule, which needs no index.
+
+The optional NVDEC path (``decoder="nvdec"``: torchcodec with CUDA) decodes on the GPU; its
+colour conversion is NVIDIA's, so its frames are not bit-identical to the CPU path. It needs an
+NVIDIA GPU and torchcodec; without them it fails with one clear line (`check_video_decoder`).
 
 decord (the optional `decord` extra, x86_64 only) is the fallback when PyAV cannot read the data.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,33 +155,265 @@ def frame_timestamps(indices: Sequence[int], source_fps: float) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------ decoders
+CPU_DECODER = "cpu"  # PyAV (FFmpeg) on the CPU, decord as the fallback
+NVDEC_DECODER = "nvdec"  # torchcodec on an NVIDIA GPU (optional, guarded)
+VIDEO_DECODERS = (CPU_DECODER, NVDEC_DECODER)
+# Seek instead of demuxing forward when the next range starts this many packets ahead: demuxing
+# a packet without decoding it costs tens of microseconds, a seek about as much as a few of them.
+SEEK_MIN_GAP_PACKETS = 8
+MAX_AUTO_THREADS = 16  # threads=0 never starts more decoders than this (FFmpeg caps its own at 16)
+
+
 @dataclass(frozen=True)
 class _Probe:
+    """The packet index of the first video stream, from one demux pass (nothing decoded).
+
+    pts: the packet pts sorted (presentation order: ``pts[k]`` is frame k), or None when some
+    packet has none. ``dec_pts`` / ``dec_dts`` / ``keyframe``: per packet in decode order.
+    """
+
     total_frames: int
     source_fps: float
     width: int
     height: int
-    pts: list[int] | None  # sorted packet pts, or None when the container has none
+    pts: list[int] | None
+    codec: str = ""
+    dec_pts: tuple[int | None, ...] = ()
+    dec_dts: tuple[int | None, ...] = ()
+    keyframe: tuple[bool, ...] = ()
 
 
 def _pyav_probe(data: bytes) -> _Probe:
     import av
 
+    dec_pts: list[int | None] = []
+    dec_dts: list[int | None] = []
+    key: list[bool] = []
     with av.open(io.BytesIO(data), mode="r") as c:
         if not c.streams.video:
             raise PreprocessError(INVALID_VIDEO, "The file has no video stream.")
         s = c.streams.video[0]
-        pts = [p.pts for p in c.demux(s) if p.size > 0]
+        for p in c.demux(s):
+            if p.size > 0:  # the empty packets at the end only flush the decoder
+                dec_pts.append(p.pts)
+                dec_dts.append(p.dts)
+                key.append(p.is_keyframe)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         fps = float(rate) if rate else 0.0
         width, height = s.codec_context.width, s.codec_context.height
-    has_pts = all(p is not None for p in pts)
-    return _Probe(total_frames=len(pts), source_fps=fps, width=width, height=height,
-                  pts=sorted(pts) if has_pts else None)
+        codec = s.codec_context.name
+    has_pts = all(p is not None for p in dec_pts)
+    return _Probe(total_frames=len(dec_pts), source_fps=fps, width=width, height=height,
+                  pts=sorted(dec_pts) if has_pts else None, codec=codec,  # type: ignore[type-var]
+                  dec_pts=tuple(dec_pts), dec_dts=tuple(dec_dts), keyframe=tuple(key))
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Packets ``first..last`` (decode order, inclusive) decoded in one go; ``first`` is a keyframe."""
+
+    first: int
+    last: int
+
+    @property
+    def packets(self) -> int:
+        return self.last - self.first + 1
+
+
+def _packet_ids(probe: _Probe) -> tuple[str, tuple[int | None, ...]] | None:
+    """How a demuxed packet is recognised in the index after a seek: its dts when every packet has a
+    distinct one, else its pts (matroska leaves some dts unset), else None (no seeking)."""
+    for attr, ids in (("dts", probe.dec_dts), ("pts", probe.dec_pts)):
+        if ids and None not in ids and len(set(ids)) == len(ids):
+            return attr, ids
+    return None
+
+
+def _plan_ranges(probe: _Probe, indices: Sequence[int]) -> list[_Range] | None:
+    """Decode ranges that produce the frames `indices` (rule in the module docstring, step 2).
+
+    Returns None when the index cannot be trusted for seeking (no pts, missing or duplicate
+    pts / dts, no keyframe before a sampled frame): the caller then decodes sequentially.
+    """
+    if probe.pts is None or len(set(probe.pts)) != probe.total_frames or _packet_ids(probe) is None:
+        return None
+    pos_of_pts = {p: j for j, p in enumerate(probe.dec_pts)}
+    keys = [j for j, k in enumerate(probe.keyframe) if k]
+    if not keys:
+        return None
+    spans: dict[int, int] = {}  # first packet -> last packet
+    for k in sorted(set(indices)):
+        pts = probe.pts[k]
+        j = pos_of_pts[pts]
+        n = bisect.bisect_right(keys, j) - 1
+        # an open-GOP leading frame (pts before its keyframe's) may reference the previous GOP
+        while n >= 0 and probe.dec_pts[keys[n]] > pts:  # type: ignore[operator]
+            n -= 1
+        if n < 0:
+            return None
+        first = keys[n]
+        spans[first] = max(spans.get(first, first), j)
+    ranges: list[_Range] = []
+    for first in sorted(spans):
+        last = spans[first]
+        if ranges and first <= ranges[-1].last + 1:  # overlapping or adjacent: one pass
+            ranges[-1] = _Range(ranges[-1].first, max(ranges[-1].last, last))
+        else:
+            ranges.append(_Range(first, last))
+    return ranges
+
+
+def _split_ranges(ranges: list[_Range], workers: int) -> list[list[_Range]]:
+    """Consecutive groups of `ranges` with about equal packet counts, at most `workers` groups."""
+    total = sum(r.packets for r in ranges)
+    groups: list[list[_Range]] = [[] for _ in range(workers)]
+    done = 0
+    for r in ranges:
+        # the group whose share of the packets this range's midpoint falls in
+        g = min(workers - 1, int((done + r.packets / 2) * workers / total))
+        groups[g].append(r)
+        done += r.packets
+    return [g for g in groups if g]
+
+
+class _IndexMismatch(Exception):
+    """The container did not behave as its index said (seek past a keyframe, unknown packet)."""
 
 
 class _NoPts(Exception):
     """A frame without pts came out while frames were being skipped: redo the pass without skipping."""
+
+
+class _FrameSink:
+    """Where decoded frames go: the wanted ones are converted (and resized) into `out`."""
+
+    def __init__(self, probe: _Probe, wanted_idx: list[int], resize_to: int | None) -> None:
+        self.probe = probe
+        self.resize_to = resize_to
+        h, w = (resize_to, resize_to) if resize_to else (probe.height, probe.width)
+        self.out = np.empty((len(wanted_idx), h, w, 3), dtype=np.uint8)
+        self.slot_of = {k: n for n, k in enumerate(wanted_idx)}
+        pts = probe.pts
+        self.slot_of_pts = {pts[k]: n for n, k in enumerate(wanted_idx)} if pts is not None else {}
+        self.filled = np.zeros(len(wanted_idx), dtype=bool)
+
+    def take(self, frame, slot: int) -> None:
+        if self.filled[slot]:
+            return
+        if frame.width != self.probe.width or frame.height != self.probe.height:
+            raise PreprocessError(INVALID_VIDEO, "The video changes frame size midway.")
+        rgb = frame.to_ndarray(format="rgb24")
+        self.out[slot] = _resize(rgb, self.resize_to, self.resize_to) if self.resize_to else rgb
+        self.filled[slot] = True
+
+
+def _open_stream(data: bytes, threads: int):
+    import av
+
+    c = av.open(io.BytesIO(data), mode="r")
+    s = c.streams.video[0]
+    cc = s.codec_context
+    cc.thread_type = "AUTO" if threads != 1 else "SLICE"
+    cc.thread_count = threads
+    return c, s, cc
+
+
+def _effective_threads(threads: int) -> int:
+    """`threads`, or the CPUs this process may use when 0 (at most MAX_AUTO_THREADS)."""
+    if threads > 0:
+        return threads
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_AUTO_THREADS)
+
+
+def _decode_ranges(data: bytes, probe: _Probe, ranges: list[_Range], sink: _FrameSink,
+                   threads: int) -> int:
+    """Decode each range (step 3 of the module docstring) into `sink`; returns packets decoded.
+
+    Raises _IndexMismatch when the container disagrees with the probe's index.
+    """
+    skip_ok = probe.codec in _SKIP_NONREF_CODECS
+    wanted_pts = sink.slot_of_pts
+    id_attr, ids = _packet_ids(probe)  # type: ignore[misc] - _plan_ranges checked it
+    pos_of_id = {d: j for j, d in enumerate(ids)}
+    sent = 0
+
+    def collect(frames) -> None:
+        for frame in frames:
+            if frame.pts is None:  # cannot tell which frame it is
+                raise _IndexMismatch
+            slot = wanted_pts.get(frame.pts)
+            if slot is not None:
+                sink.take(frame, slot)
+
+    c, s, cc = _open_stream(data, threads)
+    with c:
+        packets = None
+        nxt: int | None = 0  # decode-order index of the next packet `packets` yields (None: unknown)
+        for r in ranges:
+            if packets is None or nxt is None or r.first - nxt >= SEEK_MIN_GAP_PACKETS:
+                # backward seek to the keyframe's dts (its pts when dts is unset): it lands on that
+                # keyframe or an earlier one (mov indexes dts, matroska pts >= dts); packets
+                # before the keyframe are demuxed, not decoded
+                dts, pts = probe.dec_dts[r.first], probe.dec_pts[r.first]
+                c.seek(dts if dts is not None else pts, stream=s, backward=True)  # type: ignore[arg-type]
+                packets, nxt = c.demux(s), None
+            started = reached = False
+            for p in packets:
+                if p.size == 0:
+                    continue
+                j = pos_of_id.get(getattr(p, id_attr), -1)
+                if j < 0 or (nxt is not None and j != nxt) or (j > r.first and not started):
+                    raise _IndexMismatch  # an unknown packet, another order, or a seek past the keyframe
+                nxt = j + 1
+                if j < r.first:
+                    continue
+                started = True
+                if skip_ok:
+                    cc.skip_frame = "DEFAULT" if p.pts in wanted_pts else "NONREF"
+                collect(cc.decode(p))
+                sent += 1
+                if j == r.last:
+                    reached = True
+                    break
+            if not reached:
+                raise _IndexMismatch  # the file ended before the range did
+            collect(cc.decode(None))  # drain: the range's last frames leave the reorder buffer
+            cc.flush_buffers()  # ready for the next keyframe
+    return sent
+
+
+def _pyav_decode_ranges(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: int | None,
+                        threads: int, parallel: bool = True) -> tuple[np.ndarray, int] | None:
+    """The sampled frames [T, H, W, 3] through `_plan_ranges` + `_decode_ranges`, and the number of
+    packets decoded; None when the index cannot be trusted (then decode sequentially).
+
+    parallel: decode ranges on worker threads (one single-threaded decoder each) when there are
+    several ranges and more than one thread; else one decoder with FFmpeg's threading.
+    """
+    ranges = _plan_ranges(probe, indices)
+    if ranges is None:
+        return None
+    wanted_idx = sorted(set(indices))
+    sink = _FrameSink(probe, wanted_idx, resize_to)
+    workers = min(_effective_threads(threads), len(ranges)) if parallel else 1
+    try:
+        if workers <= 1:
+            sent = _decode_ranges(data, probe, ranges, sink, threads)
+        else:
+            groups = _split_ranges(ranges, workers)
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="video-decode") as pool:
+                jobs = [pool.submit(_decode_ranges, data, probe, g, sink, 1) for g in groups]
+                sent = sum(j.result() for j in jobs)
+    except _IndexMismatch:
+        return None
+    if not sink.filled.all():  # a sampled frame never came out: do not guess
+        return None
+    out = sink.out
+    return (out[[sink.slot_of[k] for k in indices]] if list(indices) != wanted_idx else out), sent
 
 
 def _pyav_decode(data: bytes, probe: _Probe, indices: Sequence[int], resize_to: int | None,
@@ -231,9 +490,49 @@ def _decord_decode(data: bytes, fps: float | None, num_frames: int | None, resiz
                        timestamps=frame_timestamps(idx, source_fps), total_frames=total)
 
 
+class VideoDecoderUnavailable(RuntimeError):
+    """The configured video decoder cannot run on this machine (a deployment error, not a user's)."""
+
+
+def check_video_decoder(decoder: str) -> None:
+    """Raise `VideoDecoderUnavailable` (one line) unless `decoder` can run here; call it at startup.
+
+    ``"cpu"`` always can; ``"nvdec"`` needs an NVIDIA GPU visible to PyTorch and torchcodec.
+    """
+    if decoder == CPU_DECODER:
+        return
+    if decoder != NVDEC_DECODER:
+        raise ValueError(f"video decoder must be one of {', '.join(VIDEO_DECODERS)}, got {decoder!r}")
+    try:
+        import torch
+        import torchcodec.decoders  # noqa: F401 - only checking it is there
+    except ImportError:
+        raise VideoDecoderUnavailable(
+            "video decoder 'nvdec' needs an NVIDIA GPU and torchcodec (pip install torchcodec, "
+            "with a CUDA build of torch); torchcodec is not installed") from None
+    if not torch.cuda.is_available():
+        raise VideoDecoderUnavailable(
+            "video decoder 'nvdec' needs an NVIDIA GPU and torchcodec; torch sees no CUDA device")
+
+
+def _nvdec_decode(data: bytes, indices: Sequence[int], resize_to: int | None) -> np.ndarray:
+    """NVDEC through torchcodec: frames `indices` (pts order, torchcodec's exact seek mode) as uint8
+    [T, H, W, 3] on the host. Not bit-identical to the CPU path (NVIDIA's YUV → RGB); never run
+    in this project's CI (no GPU)."""
+    check_video_decoder(NVDEC_DECODER)
+    from torchcodec.decoders import VideoDecoder
+
+    dec = VideoDecoder(data, device="cuda", dimension_order="NHWC", seek_mode="exact")
+    frames = dec.get_frames_at(indices=list(indices)).data.cpu().numpy()
+    if resize_to:
+        frames = np.stack([_resize(f, resize_to, resize_to) for f in frames])
+    return frames
+
+
 def decode_video(data: bytes, fps: float | None = None, num_frames: int | None = None,
                  resize_to: int | None = None, threads: int = 0,
-                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoFrames:
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+                 decoder: str = CPU_DECODER) -> VideoFrames:
     """Decode only the sampled frames of an encoded video (MP4 / MOV / WEBM / anything FFmpeg reads).
 
     Args:
@@ -241,15 +540,21 @@ def decode_video(data: bytes, fps: float | None = None, num_frames: int | None =
         fps, num_frames: the sampling request (see `sample_indices`); both None means 2 fps.
         resize_to: if set, each frame is resized to ``resize_to``² right after decoding (Pillow
             bicubic, the same as `frames_to_tiles` does), so a long clip never holds full frames.
-        threads: decoder threads (0 = FFmpeg's choice).
+        threads: decoder threads in all (0 = one per CPU this process may use).
         max_frame_pixels: reject larger frames before decoding.
+        decoder: ``"cpu"`` (PyAV, bit-exact; default) or ``"nvdec"`` (GPU, see `check_video_decoder`).
 
     Returns:
         `VideoFrames`.
 
     Raises:
         PreprocessError: ``invalid_video`` (unreadable) or ``invalid_video_sampling``.
+        VideoDecoderUnavailable: ``decoder="nvdec"`` on a machine without GPU or torchcodec.
     """
+    if decoder not in VIDEO_DECODERS:
+        raise ValueError(f"video decoder must be one of {', '.join(VIDEO_DECODERS)}, got {decoder!r}")
+    if decoder == NVDEC_DECODER:
+        check_video_decoder(decoder)  # before touching the data: a deployment error comes first
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
         raise PreprocessError(INVALID_VIDEO, "The video is empty.")
     data = bytes(data)
@@ -258,17 +563,33 @@ def decode_video(data: bytes, fps: float | None = None, num_frames: int | None =
     except PreprocessError:
         raise
     except Exception:  # noqa: BLE001 - PyAV cannot read it: try decord
+        if decoder == NVDEC_DECODER:
+            raise PreprocessError(INVALID_VIDEO, "The video could not be decoded.") from None
         return _decord_decode(data, fps, num_frames, resize_to, max_frame_pixels)
     if probe.width * probe.height > max_frame_pixels:
         raise PreprocessError(INVALID_VIDEO, "The video frames are too large.")
     if probe.total_frames == 0 or probe.source_fps <= 0:
         raise PreprocessError(INVALID_VIDEO, "The video has no decodable frames or no frame rate.")
     idx = sample_indices(probe.total_frames, probe.source_fps, fps=fps, num_frames=num_frames)
-    try:
+    if decoder == NVDEC_DECODER:
         try:
-            frames = _pyav_decode(data, probe, idx, resize_to, threads)
-        except _NoPts:
-            frames = _pyav_decode(data, probe, idx, resize_to, threads, allow_skip=False)
+            frames = _nvdec_decode(data, idx, resize_to)
+        except VideoDecoderUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure means an unreadable video
+            raise PreprocessError(INVALID_VIDEO, "The video could not be decoded.") from e
+        return VideoFrames(frames=frames, indices=idx, source_fps=probe.source_fps,
+                           timestamps=frame_timestamps(idx, probe.source_fps),
+                           total_frames=probe.total_frames)
+    try:
+        ranged = _pyav_decode_ranges(data, probe, idx, resize_to, threads)
+        if ranged is not None:
+            frames = ranged[0]
+        else:  # the index cannot be trusted: one sequential pass
+            try:
+                frames = _pyav_decode(data, probe, idx, resize_to, threads)
+            except _NoPts:
+                frames = _pyav_decode(data, probe, idx, resize_to, threads, allow_skip=False)
     except PreprocessError:
         raise
     except Exception:  # noqa: BLE001 - PyAV failed midway: decord gets one try
@@ -295,8 +616,10 @@ class VideoTiles:
 
 def preprocess_video(data: bytes, mean: Sequence[float], std: Sequence[float], tile: int = 512,
                      fps: float | None = None, num_frames: int | None = None,
-                     threads: int = 0) -> VideoTiles:
-    """Bytes → one normalized tile per sampled frame (docs/model.md §3.2). Raises PreprocessError."""
-    vf = decode_video(data, fps=fps, num_frames=num_frames, resize_to=tile, threads=threads)
+                     threads: int = 0, decoder: str = CPU_DECODER) -> VideoTiles:
+    """Bytes → one normalized tile per sampled frame (docs/model.md §3.2). Raises PreprocessError
+    (and `VideoDecoderUnavailable` for ``decoder="nvdec"`` without a GPU)."""
+    vf = decode_video(data, fps=fps, num_frames=num_frames, resize_to=tile, threads=threads,
+                      decoder=decoder)
     return VideoTiles(pixel_values=frames_to_tiles(vf.frames, mean, std, tile), indices=vf.indices,
                       timestamps=vf.timestamps, source_fps=vf.source_fps, total_frames=vf.total_frames)

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+ERROR_PREFIX = "error:"  # finish_reason of a request that failed after it was queued: "error:<message>"
+
 
 class Sink(Protocol):
     """Where a request's outputs go."""

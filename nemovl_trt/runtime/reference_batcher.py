@@ -4,6 +4,11 @@
 decoding join it at the next step; finished, cancelled or abandoned requests leave it. A sink reporting
 `is_cancelled()` (the client went away) is cancelled in the engine. Control operations (cancel by id,
 stats) are thread-safe.
+
+Errors: a choice the engine ends with "error:<message>" (its prefill or its sampling raised) ends its whole
+request with one `error:<message>` message to the sink (the request's other choices are cancelled in the
+engine); the other requests keep decoding. Anything else that raises in the loop fails the requests it
+concerns and the loop goes on: the batcher thread never dies while the model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from nemovl_trt.runtime.engine_api import GenRequest
+from nemovl_trt.runtime.engine_api import ERROR_PREFIX, GenRequest
 
 CANCELLED_IDS_KEPT = 100  # recent cancelled request ids reported by the stats control op
 
@@ -34,6 +39,9 @@ class BatcherStats:
     failed: int = 0
     steps: int = 0
     max_batch_seen: int = 0
+    step_sequences: int = 0  # sum over steps of the sequences (choices) decoded: mean batch = this / steps
+    step_s: float = 0.0  # seconds inside engine.step()
+    idle_s: float = 0.0  # seconds with nothing queued or running (waiting for requests)
     cancelled_ids: deque[str] = field(default_factory=lambda: deque(maxlen=CANCELLED_IDS_KEPT))
 
 
@@ -60,9 +68,9 @@ class ContinuousBatcher:
         self._stop = False
         self.stats = BatcherStats()
         self.cancel_poll_s = cancel_poll_s  # how often requesters are asked whether they went away
-        self._last_cancel_poll = 0.0
         self._thread = threading.Thread(target=self._run, name="llm-batcher", daemon=True)
         self._thread.start()
+        self._last_cancel_poll = 0.0
 
     # ---- API (any thread) ----
     def submit(self, req: GenRequest) -> None:
@@ -89,6 +97,8 @@ class ContinuousBatcher:
             return {"active": sorted(self._active), "queued": [r.request_id for r in self._pending],
                     "submitted": s.submitted, "completed": s.completed, "cancelled": s.cancelled,
                     "failed": s.failed, "steps": s.steps, "max_batch_seen": s.max_batch_seen,
+                    "step_sequences": s.step_sequences, "step_s": round(s.step_s, 6),
+                    "idle_s": round(s.idle_s, 6),
                     "cancelled_ids": list(s.cancelled_ids)}
 
     def close(self) -> None:
@@ -155,13 +165,23 @@ class ContinuousBatcher:
                 continue
             self._active[req.request_id] = req
             self._open[req.request_id] = set(range(n))
-        # Requesters that went away leave the batch (each check is an IPC round trip: throttled).
+        self._poll_cancelled()
+
+    def _poll_cancelled(self) -> None:
+        """Every `cancel_poll_s` at most, ask the running requests' sinks whether their requester went away
+        and cancel those that did (between steps, on the batcher thread: each `is_cancelled()` of a Triton
+        request is an IPC round trip, hence the throttle; it stays on this thread so that it never overlaps
+        the thread's own sends on the same request)."""
         now = time.monotonic()
         if now - self._last_cancel_poll < self.cancel_poll_s:
             return
         self._last_cancel_poll = now
         for rid, req in list(self._active.items()):
-            if req.sink.is_cancelled():
+            try:
+                gone = req.sink.is_cancelled()
+            except Exception:  # noqa: BLE001 - a sink that cannot answer counts as gone
+                gone = True
+            if gone:
                 self.engine.cancel(rid)
                 self._finish(req, "cancelled")
 
@@ -169,31 +189,49 @@ class ContinuousBatcher:
         """Report `error` to that request alone (its caller may already be gone)."""
         self.stats.failed += 1
         try:
-            req.sink.send([], f"error:{error}", done=True)
+            req.sink.send([], f"{ERROR_PREFIX}{error}", done=True)
         except Exception:  # noqa: BLE001
             pass
 
     def _run(self) -> None:
         while True:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._stop and not self._pending and not self._cancel_ids and not self._active:
                     self._cond.wait(timeout=1.0)
+                self.stats.idle_s += time.perf_counter() - t0
                 if self._stop:
                     return
-            self._admit()
-            if not self._active or not self.engine.has_work():
-                continue
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._active))
             try:
-                outs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
-                for rid, req in list(self._active.items()):
-                    self.engine.cancel(rid)
-                    self._active.pop(rid, None)
-                    self._fail(req, e)
-                continue
-            self.stats.steps += 1
-            self._deliver(outs)
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - fail the running requests, keep the thread serving
+                self._fail_active(e)
+
+    def _iteration(self) -> None:
+        """Admit, run one engine step, deliver its events."""
+        self._admit()
+        if not self._active or not self.engine.has_work():
+            return
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._active))
+        t0 = time.perf_counter()
+        try:
+            outs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - the engine isolates per-request failures; this is the rest
+            self._fail_active(e)
+            return
+        finally:
+            self.stats.step_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.step_sequences += self._slots()
+        self._deliver(outs)
+
+    def _fail_active(self, error: Exception) -> None:
+        """End every running request with `error` (a failure that cannot be pinned on one request)."""
+        for rid, req in list(self._active.items()):
+            self.engine.cancel(rid)
+            self._active.pop(rid, None)
+            self._open.pop(rid, None)
+            self._fail(req, error)
 
     def _deliver(self, outs: list[Any]) -> None:
         """Engine events → one message per (request, choice) of this step; the request's last one is final."""
@@ -208,11 +246,17 @@ class ContinuousBatcher:
             if out.prompt_logprobs is not None:
                 ent["prompt"] = [None if p is None else [p[0], [list(t) for t in p[1]]]
                                  for p in out.prompt_logprobs]
-            if out.finished:
+            if out.finished and not ent["reason"].startswith(ERROR_PREFIX):
                 ent["reason"] = out.finish_reason or "stop"
         for (rid, index), ent in by_choice.items():
             req = self._active.get(rid)
             if req is None:
+                continue
+            if ent["reason"].startswith(ERROR_PREFIX):  # one failed choice ends the request, with the error
+                self.engine.cancel(rid)
+                self._active.pop(rid, None)
+                self._open.pop(rid, None)
+                self._fail(req, RuntimeError(ent["reason"][len(ERROR_PREFIX):]))
                 continue
             open_ = self._open.setdefault(rid, set())
             if ent["reason"]:

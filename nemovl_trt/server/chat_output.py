@@ -7,11 +7,18 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from nemovl_trt.server.schemas import ChatRequest
-from nemovl_trt.server.service import WARNING_HEADER, Generation, ascii_header, sse_response, warnings_of
-from nemovl_trt.server.streaming import OutputAssembler, chat_logprobs, chunk, merge_deltas, sse
+from nemovl_trt.server.service import (
+    WARNING_HEADER,
+    Generation,
+    ascii_header,
+    json_response,
+    sse_response,
+    warnings_of,
+)
+from nemovl_trt.server.streaming import Final, OutputAssembler, chat_logprobs, chunk, merge_deltas, sse
 
 
 def _reasoning(req: ChatRequest, g: Generation) -> bool:
@@ -62,24 +69,42 @@ async def complete_chat(req: ChatRequest, g: Generation) -> Response:
     if warnings:
         body["warnings"] = warnings
         headers[WARNING_HEADER] = ascii_header(warnings)
-    return JSONResponse(body, headers=headers)
+    return json_response(body, headers=headers)
 
 
 async def stream_chat(req: ChatRequest, g: Generation) -> Response:
     """The SSE stream: a role chunk per choice, then deltas; each choice's finish_reason in exactly one chunk;
-    with `include_usage` one more chunk with `choices: []` and the usage."""
+    with `include_usage` one more chunk with `choices: []` and the usage.
+
+    Events ready at the same moment share one write: the role chunks go with the first response (already
+    received when this runs, so nothing waits for it), and the last finish chunk with the usage chunk and
+    [DONE] (`Final`)."""
     choices = _Choices(req, g)
     warnings = warnings_of(g.first)
+    n = req.sampling.n
 
     async def events() -> AsyncIterator[bytes]:
-        for i in range(req.sampling.n):
-            extra = {"warnings": warnings} if warnings and i == 0 else {}
-            yield sse(chunk(g.cid, g.created, g.model, {"role": "assistant", "content": ""}, index=i, **extra))
+        head = b"".join(sse(chunk(g.cid, g.created, g.model, {"role": "assistant", "content": ""}, index=i,
+                                  **({"warnings": warnings} if warnings and i == 0 else {}))) for i in range(n))
+        finished = 0
         async for c in g.chunks():
             delta, items, finish = choices.feed(c)
             lp = {"content": items} if items else None
-            if finish or delta or lp:
-                yield sse(chunk(g.cid, g.created, g.model, delta, finish, index=c.index, logprobs=lp))
+            piece = sse(chunk(g.cid, g.created, g.model, delta, finish, index=c.index, logprobs=lp)) \
+                if finish or delta or lp else b""
+            if head:
+                piece, head = head + piece, b""
+            if finish:
+                finished += 1
+                if finished == n:  # every choice is done: nothing more comes from Triton
+                    if req.include_usage:
+                        piece += sse(chunk(g.cid, g.created, g.model, None, usage=g.usage()))
+                    yield Final(piece)
+                    return
+            if piece:
+                yield piece
+        if head:
+            yield head
         if req.include_usage:
             yield sse(chunk(g.cid, g.created, g.model, None, usage=g.usage()))
 

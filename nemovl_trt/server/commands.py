@@ -10,6 +10,11 @@ Process layout with `--repo` (docs/api.md, "Faults and lifecycle"):
   any stub left and removes the Python-backend shared memory;
 - SIGTERM / SIGINT: drain in-flight requests for up to --shutdown-grace seconds, then stop tritonserver and
   every stub (DrainingServer, nemovl_trt/serving/lifecycle.py).
+
+With `--replicas N` there are N tritonservers, each on its own ports with its own supervisor thread
+(ReplicaGroup); with `--triton-url` (repeated) the frontend attaches to servers started elsewhere. Either way
+the frontend routes each request to the least-loaded healthy replica and retries a request whose replica
+failed before its first token once on another one (nemovl_trt/server/replicas.py, docs/replicas.md).
 """
 
 from __future__ import annotations
@@ -19,22 +24,70 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from nemovl_trt.server.settings import DEFAULT_MODEL_NAME, Settings
 
+if TYPE_CHECKING:
+    from nemovl_trt.serving.supervisor import ReplicaGroup
+
 MIB = 1024 * 1024
 
 
-def _parse_endpoints(value: str) -> list[str]:
-    urls = [u.strip() for u in value.split(",") if u.strip()]
-    for u in urls:
-        host, _, port = u.rpartition(":")
-        if not host or not port.isdigit():
-            raise click.BadParameter(f"'{u}' is not HOST:PORT.", param_hint="--triton")
+def _parse_endpoints(values: list[str], hint: str = "--triton") -> list[str]:
+    """HOST:PORT (or grpc://HOST:PORT) items, comma-separated or repeated → ["HOST:PORT", ...]."""
+    urls = []
+    for value in values:
+        for u in (x.strip() for x in value.split(",")):
+            if not u:
+                continue
+            u = u.removeprefix("grpc://")
+            host, _, port = u.rpartition(":")
+            if not host or not port.isdigit() or "/" in u:
+                raise click.BadParameter(f"'{u}' is not HOST:PORT.", param_hint=hint)
+            if u in urls:
+                raise click.BadParameter(f"'{u}' is given twice.", param_hint=hint)
+            urls.append(u)
     return urls
+
+
+def _start_replicas(repo: Path, engines_dir: Path | None, n: int, log_level: str, log_dir: Path | None,
+                    max_restarts_per_minute: int, watchdog: Any) -> ReplicaGroup:
+    """`n` supervised tritonservers on `repo`, each on its own free ports (and GPUs on a GPU target);
+    returns the started ReplicaGroup. Errors are one-line ClickExceptions."""
+    from nemovl_trt.serving.guards import repo_engines_dir
+    from nemovl_trt.serving.supervisor import (
+        ReplicaGroup,
+        ReplicaPlanError,
+        ReplicaServer,
+        RestartPolicy,
+        distinct_ports,
+        replica_devices,
+    )
+    from nemovl_trt.triton.launcher import TritonLaunchError
+
+    try:
+        devices = replica_devices(n, repo_engines_dir(repo, engines_dir))
+    except ReplicaPlanError as e:
+        raise click.ClickException(str(e)) from e
+    ports = distinct_ports(3 * n)
+    servers = [ReplicaServer(repo, ports[3 * i], ports[3 * i + 1], ports[3 * i + 2], engines_dir=engines_dir,
+                             echo=log_level == "debug", log_dir=log_dir, die_with_parent=True,
+                             env={"CUDA_VISIBLE_DEVICES": dev} if dev is not None else None)
+               for i, dev in enumerate(devices)]
+    group = ReplicaGroup(servers, RestartPolicy(max_restarts_per_minute=max_restarts_per_minute),
+                         watchdog=watchdog)
+    try:
+        group.start()
+    except TritonLaunchError as e:
+        raise click.ClickException(str(e).splitlines()[0]) from e
+    for i, (srv, dev) in enumerate(zip(servers, devices, strict=True)):
+        gpus = f", CUDA_VISIBLE_DEVICES={dev}" if dev is not None else ""
+        click.echo(f"tritonserver{f' replica {i}' if n > 1 else ''} ready (gRPC {srv.grpc_url}{gpus}, "
+                   f"log {srv.log_path}).", err=True)
+    return group
 
 
 def _setup_logging(level: str) -> None:
@@ -77,6 +130,15 @@ def _limits_provider(app: Any, static: tuple[int | None, int] | None):
               help="Triton model repository to serve (starts and supervises tritonserver on it).")
 @click.option("--triton", "triton", metavar="HOST:PORT[,HOST:PORT...]",
               help="Attach to running tritonserver gRPC endpoint(s) instead of starting one.")
+@click.option("--triton-url", "triton_url", multiple=True, metavar="HOST:PORT",
+              help="A running tritonserver gRPC endpoint (repeatable: one per replica); like --triton.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), metavar="N",
+              help="With --repo: start N supervised tritonservers (cpu: N processes; GPU target: one per group "
+                   "of world-size GPUs, CUDA_VISIBLE_DEVICES per replica) and route each request to the "
+                   "least-loaded healthy one (docs/replicas.md).")
+@click.option("--health-interval", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              metavar="SECONDS", help="Health-check period of a healthy replica (a down one is re-checked "
+                                      "every 0.25-2 s).")
 @click.option("--engines-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Engines directory for the repository's models (overrides the repository's setting).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the HTTP API listens on.")
@@ -105,13 +167,20 @@ def _limits_provider(app: Any, static: tuple[int | None, int] | None):
               help="Where tritonserver's log goes (default $NEMOVL_LOG_DIR or <tmp>/nemovl-<uid>/logs).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(repo: Path | None, triton: str | None, engines_dir: Path | None, host: str, port: int, model_name: str,
+def serve(repo: Path | None, triton: str | None, triton_url: tuple[str, ...], replicas: int,
+          health_interval: float, engines_dir: Path | None, host: str, port: int, model_name: str,
           api_key: str | None, allow_media_host: tuple[str, ...], max_concurrent: int, max_queued: int,
           request_timeout: float | None, max_body_mb: int, max_json_depth: int, shutdown_grace: float,
           max_restarts_per_minute: int, log_dir: Path | None, log_level: str) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models, /metrics, ...) in front of Triton."""
-    if (repo is None) == (triton is None):
-        raise click.UsageError("Give exactly one of --repo REPO (start tritonserver) or --triton HOST:PORT.")
+    attach = [v for v in (triton, *triton_url) if v]
+    if (repo is None) == (not attach):
+        raise click.UsageError("Give exactly one of --repo REPO (start tritonserver) or --triton / --triton-url "
+                               "HOST:PORT.")
+    if replicas > 1 and repo is None:
+        raise click.UsageError("--replicas starts tritonservers, so it needs --repo; with servers started "
+                               "elsewhere give one --triton-url per replica.")
+    urls = _parse_endpoints(attach, "--triton / --triton-url") if attach else []
     import uvicorn
 
     from nemovl_trt.server.app import create_app
@@ -122,8 +191,11 @@ def serve(repo: Path | None, triton: str | None, engines_dir: Path | None, host:
 
     _setup_logging(log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from nemovl_trt.server.replicas import HealthPolicy
+
     settings = Settings(model_name=model_name, api_key=api_key or None, allow_media_hosts=list(allow_media_host),
-                        max_concurrent=max_concurrent, max_queued=max_queued, max_body_bytes=max_body_mb * MIB)
+                        max_concurrent=max_concurrent, max_queued=max_queued, max_body_bytes=max_body_mb * MIB,
+                        replica_health=HealthPolicy(interval_s=health_interval))
 
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM while tritonserver starts: unwind through the finally below
@@ -133,25 +205,17 @@ def serve(repo: Path | None, triton: str | None, engines_dir: Path | None, host:
     try:
         static_limits = None
         if repo is not None:
-            from nemovl_trt.serving.supervisor import RestartPolicy, TritonSupervisor
             from nemovl_trt.serving.watchdog import Watchdog
-            from nemovl_trt.triton.launcher import TritonLaunchError, TritonServer
 
-            click.echo(f"Starting tritonserver on {repo} ...", err=True)
+            click.echo(f"Starting {f'{replicas} tritonservers' if replicas > 1 else 'tritonserver'} on {repo} ...",
+                       err=True)
             watchdog = Watchdog().start()
-            server = TritonServer(repo, engines_dir=engines_dir, echo=log_level == "debug", log_dir=log_dir,
-                                  die_with_parent=True)
-            supervisor = TritonSupervisor(server, RestartPolicy(max_restarts_per_minute=max_restarts_per_minute),
-                                          watchdog=watchdog)
-            try:
-                supervisor.start()
-            except TritonLaunchError as e:
-                raise click.ClickException(str(e).splitlines()[0]) from e
-            click.echo(f"tritonserver ready (gRPC {server.grpc_url}, log {server.log_path}).", err=True)
-            settings.triton_urls = [server.grpc_url]
+            supervisor = _start_replicas(repo, engines_dir, replicas, log_level, log_dir, max_restarts_per_minute,
+                                         watchdog)
+            settings.triton_urls = supervisor.grpc_urls
             static_limits = served_limits(repo, engines_dir)
         else:
-            settings.triton_urls = _parse_endpoints(triton or "")
+            settings.triton_urls = urls
         app = create_app(settings)
         max_seq_len = static_limits[0] if static_limits else None
         edge = EdgeMiddleware(
@@ -164,8 +228,9 @@ def serve(repo: Path | None, triton: str | None, engines_dir: Path | None, host:
             extra_metrics=supervisor.render_metrics if supervisor else None)
         click.echo(f"OpenAI API on http://{host}:{port}/v1 (model '{model_name}'); Ctrl-C or SIGTERM stops "
                    f"{'both' if repo else 'it'}.", err=True)
+        # uvicorn's access log (one line per request) only at debug: it cost the frontend per-request CPU
         config = uvicorn.Config(edge, host=host, port=port, log_level=log_level, lifespan="on", interface="asgi3",
-                                timeout_graceful_shutdown=int(round(shutdown_grace)))
+                                timeout_graceful_shutdown=int(round(shutdown_grace)), access_log=log_level == "debug")
 
         def draining(_sig: int) -> None:
             edge.begin_drain(shutdown_grace)

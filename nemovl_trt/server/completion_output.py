@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -41,9 +42,9 @@ class LegacyLogprobs:
                 "text_offset": self.text_offset}
 
 
-def _prompt_text(req: CompletionRequest, prompt_entries: list[dict[str, Any]] | None) -> str:
-    if isinstance(req.prompt, str):
-        return req.prompt
+def _prompt_text(prompt: str | list[int], prompt_entries: list[dict[str, Any]] | None) -> str:
+    if isinstance(prompt, str):
+        return prompt
     raw = b"".join(bytes(e["bytes"]) for e in prompt_entries or [])
     return raw.decode("utf-8", "replace")
 
@@ -53,29 +54,33 @@ def _choice(index: int, text: str, logprobs: dict[str, Any] | None, finish: str 
 
 
 class _Choices:
+    """Every choice of a request: prompt i's choice j is index i * n + j (as OpenAI indexes them)."""
+
     def __init__(self, req: CompletionRequest) -> None:
-        n = req.sampling.n
         self.req = req
+        self.n = req.sampling.n
+        total = len(req.prompts) * self.n
         self.want = req.sampling.logprobs is not None
-        self.text = [""] * n
-        self.finish = [""] * n
-        self.lps = [LegacyLogprobs() for _ in range(n)]
+        self.text = [""] * total
+        self.finish = [""] * total
+        self.lps = [LegacyLogprobs() for _ in range(total)]
         self.echoed: set[int] = set()
-        self.prompt_entries: list[dict[str, Any]] | None = None  # choice 0's first chunk carries them
+        self.prompt_entries: dict[int, list[dict[str, Any]]] = {}  # per prompt: the first chunk carrying them
 
     def feed(self, c: Any) -> tuple[str, dict[str, Any] | None]:
         """One chunk → (text of this step, with the echoed prompt first; its logprobs part or None)."""
         i = c.index
+        p = i // self.n
         lp = c.logprobs or {}
         if "prompt" in lp:
-            self.prompt_entries = lp["prompt"]
+            self.prompt_entries.setdefault(p, lp["prompt"])
         step = LegacyLogprobs(start_offset=len(self.text[i]))
         prefix = ""
         if self.req.echo and i not in self.echoed:
             self.echoed.add(i)
-            prefix = _prompt_text(self.req, self.prompt_entries)
-            if self.want and self.prompt_entries:
-                step.add(self.prompt_entries, first_is_null=True)
+            prefix = _prompt_text(self.req.prompts[p], self.prompt_entries.get(p))
+            if self.want and self.prompt_entries.get(p):
+                step.add(self.prompt_entries[p], first_is_null=True)
         if self.want:
             step.add(lp.get("content", []))
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
@@ -87,13 +92,47 @@ class _Choices:
         return text, (step.to_dict() if self.want else None)
 
 
+def cumulative_logprob(chunks: list[Any]) -> float:
+    """Sum of the chosen tokens' logprobs over one candidate's chunks (the eos token, which the entry model
+    leaves out of `content`, is not counted)."""
+    return sum(float(e["logprob"]) for c in chunks for e in (c.logprobs or {}).get("content", []) if e)
+
+
+def best_of(req: CompletionRequest, chunks: list[Any]) -> list[Any]:
+    """best_of > n: the chunks of the n candidates of each prompt with the highest cumulative logprob (ties:
+    the lower candidate index), re-indexed prompt-major (prompt i's k-th best is i * n + k). Candidate
+    indices in `chunks` are prompt-major over best_of. The logprobs are dropped when the client did not
+    ask for them; prompt logprobs (echo) are moved onto each kept choice's first chunk."""
+    m, n = req.sampling.best_of, req.sampling.n
+    per: dict[int, list[Any]] = {}
+    prompt_lp: dict[int, Any] = {}
+    for c in chunks:
+        per.setdefault(c.index, []).append(c)
+        if c.logprobs and "prompt" in c.logprobs:
+            prompt_lp.setdefault(c.index // m, c.logprobs["prompt"])
+    out = []
+    for p in range(len(req.prompts)):
+        cands = sorted(range(p * m, (p + 1) * m), key=lambda k: (-cumulative_logprob(per.get(k, [])), k))
+        for rank, k in enumerate(cands[:n]):
+            for j, c in enumerate(per.get(k, [])):
+                lp = dict(c.logprobs or {}) if req.sampling.logprobs is not None else {}
+                lp.pop("prompt", None)
+                if j == 0 and p in prompt_lp:
+                    lp["prompt"] = prompt_lp[p]
+                out.append(replace(c, index=p * n + rank, logprobs=lp or None))
+    return out
+
+
 async def complete_text(req: CompletionRequest, g: Generation) -> Response:
     choices = _Choices(req)
-    if not await g.collect(choices.feed):
+    seen: list[Any] = []
+    if not await g.collect(seen.append if req.ranked else choices.feed):
         return Response(status_code=499)
+    for c in best_of(req, seen) if req.ranked else ():
+        choices.feed(c)
     g.account()
     out = [_choice(i, choices.text[i], choices.lps[i].to_dict() if choices.want else None, choices.finish[i] or "stop")
-           for i in range(req.sampling.n)]
+           for i in range(len(choices.text))]
     body: dict[str, Any] = {"id": g.cid, "object": "text_completion", "created": int(time.time()), "model": g.model,
                             "choices": out, "usage": g.usage()}
     warnings = warnings_of(g.first)

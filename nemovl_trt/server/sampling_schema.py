@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nemovl_trt.server.errors import APIError, invalid, not_supported
+from nemovl_trt.server.errors import APIError, invalid
 from nemovl_trt.server.fields import boolean, integer, is_num, number
 
 MAX_N = 8  # choices per request (the cpu engine's batch is 8 sequences)
@@ -15,6 +15,7 @@ MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_LIMIT = 100
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's cap
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # OpenAI's seed is an int64
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Sampling:
     """What the response shaping needs to know: choices and logprobs."""
 
     n: int = 1
+    best_of: int = 1  # completions: candidates per prompt, the n likeliest returned (best_of >= n)
     logprobs: int | None = None  # None: off; k: alternatives per token
     stream: bool = False
     include_usage: bool = False
@@ -104,7 +106,7 @@ def parse_sampling(body: dict[str, Any], limits: Limits, params: dict[str, Any],
     tk = integer(body, "top_k", -1)
     if tk is not None:
         params["top_k"] = max(tk, 0)  # -1 and 0 both mean "off"
-    seed = integer(body, "seed")
+    seed = integer(body, "seed", SEED_MIN, SEED_MAX)
     if seed is not None:
         params["seed"] = seed
     for pen in ("frequency_penalty", "presence_penalty"):
@@ -135,9 +137,18 @@ def parse_sampling(body: dict[str, Any], limits: Limits, params: dict[str, Any],
     else:
         out.logprobs = integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         best_of = integer(body, "best_of", 1, MAX_N)
-        if best_of is not None and best_of != out.n:
-            raise not_supported("'best_of' other than n is not supported (choices are never ranked).", "best_of")
+        if best_of is not None and best_of < out.n:
+            raise invalid(f"'best_of' ({best_of}) must be greater than or equal to 'n' ({out.n}).", "best_of")
+        out.best_of = best_of or out.n
     if out.logprobs is not None:
         params["logprobs"] = out.logprobs
     _stream(body, out)
+    if out.best_of > out.n:
+        if out.stream:
+            raise invalid("'best_of' cannot be used with 'stream': the best completions are known only at the "
+                          "end.", "best_of")
+        # the engine generates best_of candidates; the frontend keeps the n with the highest cumulative
+        # logprob, so it needs the chosen tokens' logprobs even when the client did not ask for them
+        params["n"] = out.best_of
+        params.setdefault("logprobs", 0)
     return out

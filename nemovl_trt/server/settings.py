@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nemovl_trt.server.replicas import HealthPolicy
+
 DEFAULT_MODEL_NAME = "nvidia/nemotron-nano-12b-v2-vl"
 
 
@@ -28,4 +30,6 @@ class Settings:
     default_max_num_tiles: int = 12
     default_max_video_frames: int = 128
     triton_timeout_s: float = 600.0  # a whole generation stream
-    ready_cache_s: float = 1.0  # how long a readiness probe result is reused
+    ready_cache_s: float = 1.0  # how long a readiness probe result is reused (the UP health-check period)
+    # Replica health checks and retry (docs/replicas.md); None: HealthPolicy(interval_s=ready_cache_s).
+    replica_health: HealthPolicy | None = None

@@ -61,7 +61,8 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.pool = TritonPool(settings.triton_urls, settings.triton_model, settings.triton_timeout_s,
-                               settings.ready_cache_s)
+                               settings.ready_cache_s, settings.replica_health)
+        self.metrics.watch_replicas(self.pool.replicas.snapshot)
         self.admission = Admission(settings.max_concurrent, settings.max_queued, settings.retry_after_s, self.metrics)
         self.media_policy = MediaPolicy(settings.max_media_bytes, settings.media_timeout_s,
                                         settings.media_max_redirects, list(settings.allow_media_hosts))

@@ -12,13 +12,43 @@ from typing import Any
 from nemovl_trt.server.reasoning import ReasoningSplitter
 from nemovl_trt.server.tools import ToolCallExtractor
 
+try:  # optional speed-up (wheels for x86_64 and aarch64); the json module gives the same documents
+    import orjson
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    orjson = None  # type: ignore[assignment]
+
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_MEDIA_TYPE = "text/event-stream"
 
 
+class Final(bytes):
+    """The last SSE piece of a generation (its finish chunk, the usage chunk): `sse_response` appends
+    `data: [DONE]` and ends the HTTP body in the same write instead of three more."""
+
+
+def _has_logprobs(obj: dict[str, Any]) -> bool:
+    choices = obj.get("choices")
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("logprobs") for c in choices)
+
+
+def dumps(obj: Any) -> bytes:
+    """`obj` as compact UTF-8 JSON. orjson when it gives the json module's document: not for logprobs (orjson
+    writes a non-finite float as null, json as -Infinity, which clients read back as a float) nor for what
+    orjson refuses (integers beyond 64 bits, non-string keys, lone surrogates: escaped by json instead)."""
+    if orjson is not None and not (isinstance(obj, dict) and _has_logprobs(obj)):
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # orjson.JSONEncodeError
+            pass
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate: \\u-escape it rather than fail the request
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def sse(obj: dict[str, Any]) -> bytes:
     """One server-sent event carrying `obj` as JSON: `data: {...}\\n\\n`."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 class OutputAssembler:

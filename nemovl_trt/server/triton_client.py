@@ -1,17 +1,19 @@
 """gRPC streaming client for the `nemovl` entry model (tensor interface: docs/interfaces.md, "triton").
 
-Several Triton endpoints may be given; each request goes to the ready endpoint with the fewest requests
-in flight. Closing the response iterator early (client disconnect) cancels the gRPC call, which makes
-Triton cancel the request in the engine.
+Several Triton endpoints (replicas, nemovl_trt/server/replicas.py) may be given; each request goes to the UP
+replica with the fewest requests in flight and is re-sent once to another one when its replica fails before
+the first chunk went out; a failure after that is `ReplicaLost`, which a caller that has shown nothing yet
+(a non-streamed request, nemovl_trt/server/service.py) re-runs from scratch elsewhere (docs/replicas.md). Closing the response iterator early (client disconnect) cancels
+the gRPC call, which makes Triton cancel the request in the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import json
+import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,9 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from nemovl_trt.server.errors import APIError
+from nemovl_trt.server.replicas import HealthPolicy, Replica, ReplicaSet
+
+log = logging.getLogger("nemovl.pool")
 
 OUTPUTS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "info", "index", "logprobs")
 _CODE_RE = re.compile(r"^\s*\[([a-z0-9_]+)\]\s*(.*)$", re.S)
@@ -61,12 +66,15 @@ class TritonRequest:
 
 
 def map_triton_error(message: str) -> APIError:
-    """A Triton error message → APIError: "[code] text" is a 400 with that code; else 500."""
+    """A Triton error message → APIError: "[code] text" is a 400 with that code; a model that is missing,
+    loading or crashed is 503 `model_not_ready`; anything else 500."""
     m = _CODE_RE.match(message or "")
     if m:
         return APIError(400, m.group(2).strip() or m.group(1), code=m.group(1))
     low = (message or "").lower()
-    if "unknown model" in low or "not ready" in low or "is not found" in low:
+    # "is not healthy": a model's Python-backend stub crashed ("Stub process 'llm_0_0' is not healthy"); the
+    # supervisor restarts that server, so it is the model being unavailable, not a failure of this request.
+    if "unknown model" in low or "not ready" in low or "is not found" in low or "is not healthy" in low:
         return APIError(503, "The model is not ready.", code="model_not_ready")
     return APIError(500, "The inference server failed on this request.", code="internal_error")
 
@@ -94,113 +102,169 @@ def build_inputs(req: TritonRequest) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _scalar_str(result: Any, name: str) -> str:
-    arr = result.as_numpy(name)
-    if arr is None or arr.size == 0:
-        return ""
-    v = arr.reshape(-1)[0]
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+_INT_DTYPES = {"INT32": "<i4", "INT64": "<i8"}
 
 
-def _scalar_int(result: Any, name: str) -> int:
-    arr = result.as_numpy(name)
-    return int(arr.reshape(-1)[0]) if arr is not None and arr.size else 0
+def _outputs(result: Any) -> dict[str, Any]:
+    """name → first element (BYTES: str, INT32: int) or, for token_ids, the list of ints, read in ONE pass over
+    the response protobuf. InferResult.as_numpy scans every output per call and builds an array each time:
+    eight calls per streamed token were ~30 µs of the frontend's CPU on 2 cores (docs/benchmarks.md)."""
+    resp = result.get_response()
+    raw = resp.raw_output_contents
+    out: dict[str, Any] = {}
+    for i, o in enumerate(resp.outputs):
+        if i >= len(raw):  # not sent as raw contents (never by Triton's gRPC frontend): the generic path
+            arr = result.as_numpy(o.name)
+            out[o.name] = arr.reshape(-1).tolist() if arr is not None else None
+            continue
+        buf = raw[i]
+        if o.datatype == "BYTES":  # elements: 4-byte little-endian length + bytes; we read the first
+            n = int.from_bytes(buf[:4], "little") if len(buf) >= 4 else 0
+            out[o.name] = bytes(buf[4:4 + n]).decode("utf-8", "replace")
+        elif o.datatype in _INT_DTYPES:
+            vals = np.frombuffer(buf, dtype=_INT_DTYPES[o.datatype])
+            out[o.name] = [int(x) for x in vals] if o.name == "token_ids" else (int(vals[0]) if vals.size else 0)
+    return out
+
+
+def _json_dict(text: Any) -> dict[str, Any] | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _first_str(v: Any) -> str:
+    if isinstance(v, list):  # the generic path gives lists
+        v = v[0] if v else ""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return "" if v is None else str(v)
+
+
+def _first_int(v: Any) -> int:
+    if isinstance(v, list):
+        v = v[0] if v else 0
+    return int(v) if v is not None else 0
 
 
 def parse_result(result: Any) -> TritonChunk:
     """One InferResult → TritonChunk."""
-    ids = result.as_numpy("token_ids")
-    info_text = _scalar_str(result, "info")
-    try:
-        info = json.loads(info_text) if info_text else None
-    except json.JSONDecodeError:
-        info = None
-    lp_text = _scalar_str(result, "logprobs")
-    try:
-        logprobs = json.loads(lp_text) if lp_text else None
-    except json.JSONDecodeError:
-        logprobs = None
-    return TritonChunk(text=_scalar_str(result, "text"),
-                       token_ids=[int(x) for x in ids.reshape(-1)] if ids is not None else [],
-                       finish_reason=_scalar_str(result, "finish_reason"),
-                       prompt_tokens=_scalar_int(result, "prompt_tokens"),
-                       completion_tokens=_scalar_int(result, "completion_tokens"),
-                       info=info if isinstance(info, dict) else None, index=_scalar_int(result, "index"),
-                       logprobs=logprobs if isinstance(logprobs, dict) else None)
+    t = _outputs(result)
+    ids = t.get("token_ids")
+    return TritonChunk(text=_first_str(t.get("text")),
+                       token_ids=list(ids) if isinstance(ids, list) else [],
+                       finish_reason=_first_str(t.get("finish_reason")),
+                       prompt_tokens=_first_int(t.get("prompt_tokens")),
+                       completion_tokens=_first_int(t.get("completion_tokens")),
+                       info=_json_dict(_first_str(t.get("info"))), index=_first_int(t.get("index")),
+                       logprobs=_json_dict(_first_str(t.get("logprobs"))))
 
 
-@dataclass
-class Endpoint:
-    """One Triton gRPC endpoint and its bookkeeping."""
+# gRPC reconnect backoff: the library default grows to 120 s, so a replica restarted on the same port could
+# stay unreachable from this channel for minutes; capped so that it is seen again within about a second.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
+                        "grpc.max_reconnect_backoff_ms": 1000}
 
-    url: str
-    client: grpcclient.InferenceServerClient
-    in_flight: int = 0
-    ready: bool = True
+
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's default channel options (message size, keepalive) plus the capped reconnect backoff."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    ka = KeepAliveOptions()
+    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", ka.keepalive_time_ms), ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
+            *RECONNECT_BACKOFF_MS.items()]
+
+
+def connect(url: str) -> grpcclient.InferenceServerClient:
+    """The aio gRPC client of one replica."""
+    return grpcclient.InferenceServerClient(url, channel_args=channel_args())
+
+
+class ReplicaFailure(Exception):
+    """A request failed because of its replica (transport error, model not ready), not because of itself:
+    `error` is what the client gets when it cannot be retried."""
+
+    def __init__(self, error: APIError, why: str) -> None:
+        super().__init__(why)
+        self.error = error
+        self.why = why
+
+
+class ReplicaLost(APIError):
+    """APIError 503 `model_not_ready` of a request whose replica failed (transport error, model not ready)
+    after chunks of it had been yielded, so `generate` did not re-send it. `replica` is that replica's index:
+    a caller that has shown nothing to its client yet (a non-streamed request) may run the whole request
+    again elsewhere (`TritonPool.retry_lost`, then `generate(..., exclude={replica})`)."""
+
+    def __init__(self, error: APIError, replica: int) -> None:
+        super().__init__(error.status, error.message, code=error.code, param=error.param, headers=error.headers)
+        self.replica = replica
+
+
+def _unreachable() -> APIError:
+    return APIError(503, "The inference server is not reachable.", code="model_not_ready")
 
 
 class TritonPool:
-    """Talks to one or more Triton servers serving the same repository."""
+    """Talks to one or more Triton servers (replicas) serving the same repository; see
+    nemovl_trt/server/replicas.py for the routing and health rules."""
 
-    def __init__(self, urls: list[str], model: str, timeout_s: float, ready_cache_s: float) -> None:
-        if not urls:
-            raise ValueError("At least one Triton gRPC endpoint is needed.")
+    def __init__(self, urls: list[str], model: str, timeout_s: float, ready_cache_s: float = 1.0,
+                 health: HealthPolicy | None = None) -> None:
         self.urls = list(urls)
         self.model = model
         self.timeout_s = timeout_s
-        self.ready_cache_s = ready_cache_s
-        self._endpoints: list[Endpoint] = []
-        self._rr = itertools.count()
-        self._ready_at = 0.0
-        self._ready = False
+        # `ready_cache_s` (how stale a readiness answer may be) is the UP health-check period unless a policy
+        # is given.
+        self.replicas = ReplicaSet(self.urls, self._endpoint_ready, connect,
+                                   health or HealthPolicy(interval_s=ready_cache_s))
         self._params: dict[str, str] | None = None
-
-    def _eps(self) -> list[Endpoint]:
-        if not self._endpoints:  # created lazily inside the running event loop
-            self._endpoints = [Endpoint(u, grpcclient.InferenceServerClient(u)) for u in self.urls]
-        return self._endpoints
 
     @property
     def in_flight(self) -> int:
-        return sum(e.in_flight for e in self._endpoints)
+        return self.replicas.in_flight
 
     async def close(self) -> None:
-        for e in self._endpoints:
-            await e.client.close()
-        self._endpoints = []
+        await self.replicas.close()
 
-    async def _endpoint_ready(self, ep: Endpoint) -> bool:
+    async def _endpoint_ready(self, rep: Replica) -> bool:
+        """True: ready; False: a definite "not ready" (or a refused connection); TimeoutError: no answer."""
         try:
-            if not await ep.client.is_server_ready(client_timeout=2.0):
+            if not await rep.client.is_server_ready(client_timeout=self.replicas.policy.probe_timeout_s):
                 return False
-            index = await ep.client.get_model_repository_index(as_json=True, client_timeout=2.0)
+            index = await rep.client.get_model_repository_index(
+                as_json=True, client_timeout=self.replicas.policy.probe_timeout_s)
             models = index.get("models", [])
             if not any(m.get("name") == self.model for m in models):
                 return False
             return all(m.get("state") == "READY" for m in models if m.get("state") is not None)
-        except (InferenceServerException, grpc.RpcError, OSError):
+        except InferenceServerException as e:
+            if "DEADLINE_EXCEEDED" in str(e.status() or ""):
+                raise TimeoutError(str(e)) from e
+            return False
+        except (grpc.RpcError, OSError):
             return False
 
     async def ready(self, force: bool = False) -> bool:
-        """True when at least one endpoint has Triton and every model in its repository READY."""
-        now = time.monotonic()
-        if not force and now - self._ready_at < self.ready_cache_s:
-            return self._ready
-        eps = self._eps()
-        states = await asyncio.gather(*(self._endpoint_ready(e) for e in eps))
-        for e, s in zip(eps, states, strict=True):
-            e.ready = s
-        self._ready, self._ready_at = any(states), time.monotonic()
-        return self._ready
+        """True when at least one replica has Triton and every model in its repository READY."""
+        return await self.replicas.ready(force)
 
     async def model_parameters(self) -> dict[str, str]:
-        """`nemovl` model-config parameters (string values), cached once read."""
+        """`nemovl` model-config parameters (string values), cached once read (UP replicas asked first)."""
         if self._params is not None:
             return self._params
         last: Exception | None = None
-        for ep in self._eps():
+        for rep in sorted(self.replicas.started(), key=lambda r: not r.up):
             try:
-                cfg = await ep.client.get_model_config(self.model, as_json=True, client_timeout=2.0)
+                cfg = await rep.client.get_model_config(self.model, as_json=True, client_timeout=2.0)
             except (InferenceServerException, grpc.RpcError, OSError) as e:
                 last = e
                 continue
@@ -209,44 +273,98 @@ class TritonPool:
             return self._params
         raise APIError(503, "The inference server is not ready.", code="model_not_ready") from last
 
-    def _pick(self) -> Endpoint:
-        eps = self._eps()
-        cands = [e for e in eps if e.ready] or eps
-        low = min(e.in_flight for e in cands)
-        best = [e for e in cands if e.in_flight == low]
-        return best[next(self._rr) % len(best)]
+    def retry_lost(self, lost: ReplicaLost, request_id: str) -> bool:
+        """Whether a request lost mid-generation on replica `lost.replica` may be run again from scratch by
+        its caller (it showed nothing to its client yet): True when retries are allowed
+        (`HealthPolicy.retries` > 0) and another replica is UP; the re-run then counts as a retry of the
+        failed replica (`nemovl_replica_retries_total`), as a re-send before the first chunk does."""
+        rs = self.replicas
+        if rs.policy.retries < 1 or not any(r.up and r.index != lost.replica for r in rs.replicas):
+            return False
+        failed = rs.replicas[lost.replica]
+        failed.retries += 1
+        log.warning("request %s: replica %s failed mid-generation; nothing was sent to the client yet, so it "
+                    "runs again from the start on another replica", request_id, failed.url)
+        return True
 
-    async def generate(self, req: TritonRequest, request_id: str) -> AsyncIterator[TritonChunk]:
+    async def generate(self, req: TritonRequest, request_id: str,
+                       exclude: frozenset[int] = frozenset()) -> AsyncIterator[TritonChunk]:
         """Stream `nemovl` responses until every choice has a finish_reason (one "cancelled" ends them all).
-        Raises APIError on a Triton error. Closing the iterator before the end cancels the gRPC call (and with
-        it the engine request)."""
-        ep = self._pick()
+
+        Routed to the least-loaded UP replica (not one in `exclude`: then only an UP one, else 503). When
+        that replica fails (transport error, model not ready) before any chunk was yielded, the request is
+        sent again to another UP replica (at most `HealthPolicy.retries` times); once a chunk went out it
+        never is (the caller would see tokens twice), and the failure is raised as `ReplicaLost` (an APIError
+        503 `model_not_ready`). Raises APIError on a Triton error. Closing the iterator before the end cancels
+        the gRPC call (and with it the engine request)."""
+        inputs = build_inputs(req)
+        rs = self.replicas
+        rep = rs.pick(exclude=set(exclude), up_only=True) if exclude else rs.pick()
+        if rep is None:  # every replica but the excluded one(s) went down meanwhile
+            raise _unreachable()
+        tried: set[int] = set(exclude)
+        retries_left = rs.policy.retries
+        while True:
+            tried.add(rep.index)
+            yielded = False
+            try:
+                async with contextlib.aclosing(self._attempt(rep, req, inputs, request_id)) as chunks:
+                    async for chunk in chunks:
+                        yielded = True
+                        yield chunk
+                return
+            except ReplicaFailure as f:
+                nxt = rs.pick(exclude=tried, up_only=True) if not yielded and retries_left > 0 else None
+                if nxt is None:
+                    log.warning("request %s: replica %s failed (%s); not retried: %s", request_id, rep.url, f.why,
+                                "a chunk had gone out" if yielded else "no other replica is up" if retries_left
+                                else "retries used up")
+                    raise (ReplicaLost(f.error, rep.index) if yielded else f.error) from f
+                retries_left -= 1
+                rep.retries += 1
+                log.warning("request %s: replica %s failed before its first token (%s); retrying on replica %s",
+                            request_id, rep.url, f.why, nxt.url)
+                rep = nxt
+
+    async def _attempt(self, rep: Replica, req: TritonRequest, inputs: list[grpcclient.InferInput],
+                       request_id: str) -> AsyncIterator[TritonChunk]:
+        """One try of `generate` on `rep`; a failure of the replica raises ReplicaFailure (and marks it down)."""
         open_choices = set(range(req.n))
         done = asyncio.Event()
-        inputs = build_inputs(req)
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
             await done.wait()  # keep the stream open until the final response
 
-        ep.in_flight += 1
+        def failed(error: APIError, why: str) -> ReplicaFailure:
+            rep.failures += 1
+            self.replicas.mark_down(rep, why)
+            return ReplicaFailure(error, why)
+
+        rep.in_flight += 1
+        rep.requests += 1
         call = None
         finished = False
         try:
             try:
-                call = ep.client.stream_infer(requests(), stream_timeout=self.timeout_s)
+                call = rep.client.stream_infer(requests(), stream_timeout=self.timeout_s)
             except InferenceServerException as e:
-                raise APIError(503, "The inference server is not reachable.", code="model_not_ready") from e
+                raise failed(_unreachable(), f"stream could not start: {e}") from e
             try:
                 async for result, error in call:
                     if error is not None:
                         finished = True
-                        raise map_triton_error(error.message())
+                        api = map_triton_error(error.message())
+                        if api.code == "model_not_ready":
+                            raise failed(api, f"model not ready: {error.message()[:200]}")
+                        raise api
                     chunk = parse_result(result)
                     if chunk.finish_reason:
                         open_choices.discard(chunk.index)
                         if not open_choices or chunk.finish_reason == "cancelled":
                             finished = True
+                    if not rep.up:
+                        self.replicas.mark_up(rep)  # tried while every replica was down, and it answers
                     yield chunk
                     if finished:
                         return
@@ -256,9 +374,8 @@ class TritonPool:
                     raise APIError(504, f"The generation took longer than this server's limit of "
                                         f"{self.timeout_s:g} s.", code="timeout") from e
                 if code in NOT_READY_CODES:
-                    ep.ready = False
-                    self._ready_at = 0.0
-                    raise APIError(503, "The inference server is not reachable.", code="model_not_ready") from e
+                    details = e.details() if hasattr(e, "details") else str(e)
+                    raise failed(_unreachable(), f"gRPC {code.name}: {details}") from e
                 if code == grpc.StatusCode.CANCELLED:
                     raise
                 raise map_triton_error(e.details() if hasattr(e, "details") else str(e)) from e
@@ -266,6 +383,6 @@ class TritonPool:
                            code="internal_error")
         finally:
             done.set()
-            ep.in_flight -= 1
+            rep.in_flight -= 1
             if call is not None and not finished:
                 call.cancel()

@@ -12,7 +12,8 @@
    `guards.guard_chat_body` (400s: JSON that is not UTF-8 / not standard / nested too deep, text that is not
    encodable, integers out of the engine's range, a prompt that cannot fit, by a cheap byte bound), then
    refused with 503 `model_not_ready` + `Retry-After` while the supervisor restarts tritonserver or the
-   server drains; the body is then handed to the app unchanged;
+   server drains; the body is then handed to the app unchanged, and the value the guards decoded with it
+   (`scope["state"][PARSED_BODY_KEY]`), so the app does not parse it a second time;
 4. `Retry-After` on every 503 the app itself answers;
 5. a deadline (`--request-timeout`): a generation request still running after it is cancelled inside the app
    (which cancels the Triton request, hence the engine's work) and answered 504 `timeout`, or, when the SSE
@@ -49,6 +50,8 @@ OPEN_V1_PREFIX = "/v1/health/"
 REQUEST_ID_HEADER = "x-request-id"
 _RID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 SSE_DONE = b"data: [DONE]\n\n"
+# Where the body decoded by the guards travels to the app (scope["state"] is the app's `request.state`).
+PARSED_BODY_KEY = "nemovl_parsed_body"
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable_error",
@@ -267,8 +270,8 @@ class EdgeMiddleware:
                 return
             if self.config.guard_bodies:
                 max_seq_len, bpt = (await self.limits()) if self.limits else (None, DEFAULT_BYTES_PER_TOKEN)
-                guard_chat_body(raw, max_depth=self.config.max_json_depth, max_seq_len=max_seq_len,
-                                bytes_per_token=bpt)
+                scope["state"][PARSED_BODY_KEY] = guard_chat_body(
+                    raw, max_depth=self.config.max_json_depth, max_seq_len=max_seq_len, bytes_per_token=bpt)
         except GuardError as e:
             log.info("request %s refused: %s %s (%s)", rid, e.status, e.code, e.message[:200])
             await self._refuse(send, e.status, e.message, e.code, "guard", e.param)

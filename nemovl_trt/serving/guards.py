@@ -13,13 +13,20 @@ Every function raises `GuardError` (an HTTP status, a message, an OpenAI error `
   field) rather than replace it, so a client never gets an answer to a prompt it did not send.
 - `check_integer_ranges(body)`: the integer fields the engine consumes, within what it accepts
   (`INTEGER_RANGES`; e.g. `seed` is a signed 64-bit integer as in OpenAI's and vLLM's API).
-- `check_token_ids(body)`: token-id prompts and `logit_bias` keys within [0, 2^31 - 1], in ASCII digits.
+- `check_token_ids(body)`: token-id prompts (each of several) and `logit_bias` keys within [0, 2^31 - 1], in
+  ASCII digits.
 - `check_prompt_bound(body, max_seq_len, bytes_per_token)`: a prompt whose text alone needs more tokens than
   the context holds is refused before any tokenising. A tokenizer maps at most `bytes_per_token` UTF-8 bytes
   (its longest vocabulary entry, `tokenizer_bytes_per_token`) to one token, so `ceil(bytes / bytes_per_token)`
   is a lower bound on the prompt's token count; the exact count is still checked in Triton's preprocessor.
+  Several prompts of one /v1/completions request are separate engine requests: each is bounded alone.
 
 `guard_chat_body(raw, ...)` runs them all in that order and returns the decoded body.
+
+Speed: `decode_json_body` first tries orjson (strict RFC 8259, validates UTF-8, refuses lone surrogates and
+NaN) and keeps its result only when it is what `json.loads` gives (`strict_loads`); anything else goes down
+the exact path above, so every refusal keeps its message. A body orjson accepted has no lone surrogate, so
+`guard_chat_body` skips the encodability walk for it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:  # optional speed-up (wheels for x86_64 and aarch64); without it every body takes the json path
+    import orjson
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    orjson = None  # type: ignore[assignment]
 
 MAX_JSON_DEPTH = 64  # arrays + objects; a request with deep tool schemas uses ~20
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -59,6 +71,13 @@ MEDIA_PART_TYPES = ("image_url", "video_url", "input_image")
 _ESCAPE_RE = re.compile(r"\\.", re.S)
 _STRING_RE = re.compile(r'"[^"]*"')
 _BRACKET_RE = re.compile(r"[\[\]{}]")
+_ESCAPE_RE_B = re.compile(rb"\\.", re.S)
+_STRING_RE_B = re.compile(rb'"[^"]*"')
+_BRACKET_RE_B = re.compile(rb"[\[\]{}]")
+_OPENERS = frozenset(b"[{")
+# orjson reads an integer literal beyond the 64-bit range as a float (json.loads gives an int): a float this
+# large in its result may be such a literal, so that body takes the exact path.
+_ORJSON_FLOAT_LIMIT = 2.0 ** 63
 
 
 @dataclass
@@ -100,14 +119,72 @@ def json_depth_exceeds(text: str, max_depth: int) -> int | None:
     return None
 
 
+def _depth_exceeds_bytes(raw: bytes, max_depth: int) -> bool:
+    """`json_depth_exceeds` on UTF-8 bytes (no decode needed: no byte of a multi-byte character is ASCII)."""
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    stripped = _STRING_RE_B.sub(b"", _ESCAPE_RE_B.sub(b"", raw))
+    depth = 0
+    for m in _BRACKET_RE_B.finditer(stripped):
+        if m.group()[0] in _OPENERS:
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _json_loads_equivalent(value: Any) -> bool:
+    """False when an orjson result may differ from json.loads' (a float that may be a huge integer)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float) and not -_ORJSON_FLOAT_LIMIT < v < _ORJSON_FLOAT_LIMIT:
+            return False
+    return True
+
+
+def strict_loads(raw: bytes | str) -> tuple[bool, Any]:
+    """(True, value) when orjson decodes `raw` to exactly what `json.loads` would (standard JSON, valid UTF-8,
+    no lone surrogate, integers within 64 bits); (False, None) otherwise: the caller takes its exact path."""
+    if orjson is None:
+        return False, None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False, None
+    return (True, value) if _json_loads_equivalent(value) else (False, None)
+
+
 def _refuse_constant(name: str) -> Any:
     raise _invalid_json(f"The request body is not standard JSON: '{name}' is not a JSON number.")
+
+
+def _decode_fast(raw: bytes, max_depth: int) -> tuple[bool, Any]:
+    """(True, value) for a body that orjson decodes exactly and that is within `max_depth`; else (False, None)."""
+    ok, value = strict_loads(raw)
+    if ok and _depth_exceeds_bytes(raw, max_depth):
+        return False, None  # the exact path words the refusal
+    return ok, value
 
 
 def decode_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Raw body bytes → the decoded JSON value, or GuardError(400, code invalid_json)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    ok, value = _decode_fast(raw, max_depth)
+    if ok:
+        return value
+    return _decode_exact(raw, max_depth)
+
+
+def _decode_exact(raw: bytes, max_depth: int) -> Any:
+    """The reference decoder: json.loads after the UTF-8 check and the depth scan, each refusal worded."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -184,26 +261,42 @@ def check_integer_ranges(body: Any, ranges: dict[str, tuple[int, int]] | None = 
                              "invalid_parameter", path)
 
 
-def _token_id_prompt(body: dict) -> list | None:
-    """The `prompt` of /v1/completions when it is token ids (a list of integers, or a list holding one)."""
+def _is_id_list(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def _prompts(body: dict) -> list[Any]:
+    """The prompts of /v1/completions, one item per engine request: `prompt` is a string, a list of token
+    ids, or a list of strings / token-id lists (several prompts). Items of any other shape are kept (the
+    route refuses them with its own message)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], list):
-        p = p[0]
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return p
-    return None
+    if p is None:
+        return []
+    if isinstance(p, str) or _is_id_list(p) or not isinstance(p, list):
+        return [p]
+    return list(p)
+
+
+def _token_id_prompts(body: dict) -> list[list[int]]:
+    """Every token-id prompt of /v1/completions (a list of integers, or a list of such lists)."""
+    return [p for p in _prompts(body) if _is_id_list(p)]
 
 
 def check_token_ids(body: Any) -> None:
-    """Token-id prompts (/v1/completions) and `logit_bias` keys: ids within [0, 2^31 - 1] written in ASCII
-    digits, so no id overflows the engine's int32/int64 tensors or Python's int() limits."""
+    """Token-id prompts (/v1/completions, each prompt of a list of them) and `logit_bias` keys: ids within
+    [0, 2^31 - 1] written in ASCII digits, so no id overflows the engine's int32/int64 tensors or Python's
+    int() limits."""
     if not isinstance(body, dict):
         return
-    ids = _token_id_prompt(body)
-    for i, t in enumerate(ids or []):
-        if not 0 <= t <= INT32_MAX:
-            raise GuardError(400, f"'prompt[{i}]' must be a token id in [0, {INT32_MAX}]; got {_short(t)}.",
-                             "invalid_parameter", "prompt")
+    prompts = _prompts(body)
+    for k, ids in enumerate(prompts):
+        if not _is_id_list(ids):
+            continue
+        for i, t in enumerate(ids):
+            if not 0 <= t <= INT32_MAX:
+                where = f"prompt[{k}][{i}]" if len(prompts) > 1 else f"prompt[{i}]"
+                raise GuardError(400, f"'{where}' must be a token id in [0, {INT32_MAX}]; got {_short(t)}.",
+                                 "invalid_parameter", "prompt")
     bias = body.get("logit_bias")
     if isinstance(bias, dict):
         for k in bias:
@@ -214,32 +307,28 @@ def check_token_ids(body: Any) -> None:
                                       f"digits; got {shown!r}.", "invalid_parameter", "logit_bias")
 
 
+def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in `value` (nested dicts / lists), media parts left out."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        if value.get("type") in MEDIA_PART_TYPES:
+            return 0
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
 def prompt_text_bytes(body: Any) -> int:
-    """UTF-8 bytes of the text a prompt is built from: every string in `messages` except media URLs, the
-    strings of `tools`, and a text `prompt` (/v1/completions). Media parts only add tokens, so leaving them
-    out keeps this a lower bound."""
+    """UTF-8 bytes of the text one prompt is built from: every string in `messages` except media URLs, the
+    strings of `tools`, and the largest text `prompt` of /v1/completions (each of several prompts is its
+    own engine request, so each must fit alone: the bound is per prompt, not their sum). Media parts only
+    add tokens, so leaving them out keeps this a lower bound."""
     if not isinstance(body, dict):
         return 0
-    total = 0
-
-    def add(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, str):
-            total += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-        elif isinstance(value, dict):
-            if value.get("type") in MEDIA_PART_TYPES:
-                return
-            for v in value.values():
-                add(v)
-        elif isinstance(value, list):
-            for v in value:
-                add(v)
-
-    add(body.get("messages"))
-    add(body.get("tools"))
-    if _token_id_prompt(body) is None:
-        add(body.get("prompt"))
-    return total
+    texts = [_text_bytes(p) for p in _prompts(body) if not _is_id_list(p)]
+    return _text_bytes(body.get("messages")) + _text_bytes(body.get("tools")) + max(texts, default=0)
 
 
 def min_prompt_tokens(text_bytes: int, bytes_per_token: int) -> int:
@@ -249,11 +338,16 @@ def min_prompt_tokens(text_bytes: int, bytes_per_token: int) -> int:
 
 def check_prompt_bound(body: Any, max_seq_len: int | None, bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN) -> None:
     """Refuse, without tokenising, a prompt that cannot fit: its text needs more than `max_seq_len` tokens,
-    or more than `max_seq_len - max_tokens` when max tokens are asked for. O(text bytes)."""
+    or more than `max_seq_len - max_tokens` when max tokens are asked for. With several prompts
+    (/v1/completions) each is bounded alone and the largest decides. O(text bytes)."""
     if not max_seq_len or not isinstance(body, dict):
         return
     n_bytes = prompt_text_bytes(body)
-    lower = min_prompt_tokens(n_bytes, bytes_per_token) + len(_token_id_prompt(body) or [])
+    lower = min_prompt_tokens(n_bytes, bytes_per_token)
+    longest_ids = max((len(ids) for ids in _token_id_prompts(body)), default=0)
+    if longest_ids > lower:  # a token-id prompt longer than any text prompt's bound: it decides
+        n_bytes = _text_bytes(body.get("messages")) + _text_bytes(body.get("tools"))
+        lower = min_prompt_tokens(n_bytes, bytes_per_token) + longest_ids
     want = body.get("max_completion_tokens", body.get("max_tokens"))
     want = want if isinstance(want, int) and not isinstance(want, bool) and want > 0 else 0
     if lower + want > max_seq_len:
@@ -267,8 +361,12 @@ def guard_chat_body(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, max_seq_len:
                     bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN) -> Any:
     """Every guard, in order: decode (UTF-8, standard JSON, depth), encodable text, integer ranges, the
     cheap prompt-length bound. Returns the decoded body; raises GuardError."""
-    body = decode_json_body(raw, max_depth)
-    check_text_encodable(body)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    fast, body = _decode_fast(raw, max_depth)
+    if not fast:
+        body = _decode_exact(raw, max_depth)
+        check_text_encodable(body)  # orjson refuses lone surrogates, json.loads does not
     check_integer_ranges(body)
     check_token_ids(body)
     check_prompt_bound(body, max_seq_len, bytes_per_token)

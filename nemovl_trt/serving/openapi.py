@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from nemovl_trt.server.completions_schema import MAX_PROMPTS
+from nemovl_trt.server.sampling_schema import MAX_N
 from nemovl_trt.serving.guards import INT64_MAX, INT64_MIN
+
+# A token-id prompt in the document: ids inside the tiny test vocabulary and a short list, so schema-valid
+# requests generate rather than all being refused for an unknown id or an over-long prompt.
+FUZZ_TOKEN_ID_MAX = 1000
+FUZZ_ID_PROMPT_MAX = 64
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 # One server-sent event: `data:` carries a chunk's JSON, an `{"error": ...}` object, or `[DONE]`.
@@ -86,12 +93,18 @@ def openapi_document(model_name: str = "nvidia/nemotron-nano-12b-v2-vl", max_seq
     }
     sampling = {k: request["properties"][k] for k in ("max_tokens", "temperature", "top_p", "top_k", "seed",
                                                       "stop", "stream", "n", "ignore_eos", "user")}
+    # /v1/completions `prompt`: one prompt (text or token ids) or a list of up to MAX_PROMPTS of them, each its
+    # own engine request (prompts x max(n, best_of) over MAX_CHOICES is a 400, which the document lists)
+    text_prompt = {"type": "string", "minLength": 1}
+    id_prompt = {"type": "array", "minItems": 1, "maxItems": FUZZ_ID_PROMPT_MAX,
+                 "items": {"type": "integer", "minimum": 0, "maximum": FUZZ_TOKEN_ID_MAX}}
     completion_request = {
         "type": "object", "required": ["model", "prompt"],
         "properties": {"model": request["properties"]["model"],
-                       "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                                            {"type": "array", "minItems": 1, "maxItems": 64,
-                                             "items": {"type": "integer", "minimum": 0, "maximum": 1000}}]},
+                       "prompt": {"oneOf": [text_prompt, id_prompt,
+                                            {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
+                                             "items": {"oneOf": [text_prompt, id_prompt]}}]},
+                       "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_N},
                        "echo": {"type": "boolean"}, **sampling},
     }
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],

@@ -20,26 +20,37 @@ repository and ports. At most `max_restarts_per_minute` restarts happen in any 6
 supervisor waits for the window (state stays RESTARTING, Retry-After tells how long). Every event is logged
 (`nemovl.supervisor`) and counted (`render_metrics()`: `nemovl_triton_restarts_total{reason}`,
 `nemovl_triton_up`, `nemovl_triton_last_recovery_seconds`).
+
+`nemovl serve --replicas N` runs a `ReplicaGroup`: N servers on distinct free ports (`ReplicaServer`, which
+adds `CUDA_VISIBLE_DEVICES` from `replica_devices()` on a GPU target), one supervisor each, started in
+parallel, one metrics registry whose series carry a `replica` label (the server's gRPC HOST:PORT), and an
+availability that serves while any replica is ready (docs/replicas.md).
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from nemovl_trt.serving.edge import Availability
-from nemovl_trt.triton.launcher import TritonLaunchError, TritonServer, pid_alive
+from nemovl_trt.triton.launcher import TritonLaunchError, TritonServer, free_port, pid_alive
 
 log = logging.getLogger("nemovl.supervisor")
 REASONS = ("stub_died", "server_exited", "unhealthy")
+NVIDIA_SMI_TIMEOUT_S = 10.0
 
 
 class State(enum.StrEnum):
@@ -65,20 +76,43 @@ class RestartPolicy:
 
 
 class SupervisorMetrics:
-    """Prometheus metrics of the supervisor (own registry, rendered into the frontend's /metrics)."""
+    """Prometheus metrics of the supervisor (own registry, rendered into the frontend's /metrics). With
+    `replicas` (the gRPC HOST:PORT of each, `nemovl serve --replicas N`), one registry holds every replica's
+    series, told apart by a `replica` label."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: list[str] | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        extra = ["replica"] if replicas else []
         self.restarts = Counter("nemovl_triton_restarts", "tritonserver restarts by the supervisor, by reason.",
-                                ["reason"], registry=r)
-        self.failures = Counter("nemovl_triton_failures", "tritonserver failures seen, by kind.", ["kind"],
+                                [*extra, "reason"], registry=r)
+        self.failures = Counter("nemovl_triton_failures", "tritonserver failures seen, by kind.", [*extra, "kind"],
                                 registry=r)
-        self.up = Gauge("nemovl_triton_up", "1 while the supervised tritonserver is ready.", registry=r)
+        self.up = Gauge("nemovl_triton_up", "1 while the supervised tritonserver is ready.", extra, registry=r)
         self.recovery = Gauge("nemovl_triton_last_recovery_seconds",
-                              "Seconds from the last failure seen to ready again.", registry=r)
-        for reason in REASONS:  # exported as 0 from the start
-            self.restarts.labels(reason=reason)
-            self.failures.labels(kind=reason)
+                              "Seconds from the last failure seen to ready again.", extra, registry=r)
+        for replica in replicas or [None]:
+            for reason in REASONS:  # exported as 0 from the start
+                self.restart(reason, replica, 0)
+                self.failure(reason, replica, 0)
+            self.set_up(False, replica)
+
+    @staticmethod
+    def _labels(metric: Any, replica: str | None, **kw: str) -> Any:
+        if replica is None:
+            return metric.labels(**kw) if kw else metric
+        return metric.labels(replica=replica, **kw)
+
+    def restart(self, reason: str, replica: str | None = None, n: int = 1) -> None:
+        self._labels(self.restarts, replica, reason=reason).inc(n)
+
+    def failure(self, kind: str, replica: str | None = None, n: int = 1) -> None:
+        self._labels(self.failures, replica, kind=kind).inc(n)
+
+    def set_up(self, up: bool, replica: str | None = None) -> None:
+        self._labels(self.up, replica).set(1 if up else 0)
+
+    def set_recovery(self, seconds: float, replica: str | None = None) -> None:
+        self._labels(self.recovery, replica).set(seconds)
 
 
 class TritonSupervisor:
@@ -86,12 +120,14 @@ class TritonSupervisor:
     when it cannot start); `stop()` stops the server and the thread."""
 
     def __init__(self, server: TritonServer, policy: RestartPolicy | None = None, *, watchdog: Any = None,
-                 on_state: Callable[[State], None] | None = None) -> None:
+                 on_state: Callable[[State], None] | None = None, metrics: SupervisorMetrics | None = None,
+                 replica: str | None = None) -> None:
         self.server = server
         self.policy = policy or RestartPolicy()
         self.watchdog = watchdog
         self.on_state = on_state
-        self.metrics = SupervisorMetrics()
+        self.replica = replica  # the `replica` label of this server's series in a shared `metrics`
+        self.metrics = metrics or SupervisorMetrics()
         self.state = State.STOPPED
         self.restarts = 0
         self.last_failure: str | None = None
@@ -107,9 +143,19 @@ class TritonSupervisor:
 
     # ------------------------------------------------------------------ public
     def start(self) -> TritonSupervisor:
+        return self.begin().wait_started()
+
+    def begin(self) -> TritonSupervisor:
+        """Start the supervision thread (which starts the server) without waiting for it."""
         self._set(State.STARTING)
-        self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"triton-supervisor-{self.replica or 0}",
+                                        daemon=True)
         self._thread.start()
+        return self
+
+    def wait_started(self) -> TritonSupervisor:
+        """Block until the first server is ready; raise its TritonLaunchError when it could not start."""
+        assert self._thread is not None, "begin() first"
         while not self._ready.wait(0.2):
             if not self._thread.is_alive():
                 break
@@ -142,7 +188,7 @@ class TritonSupervisor:
     # ------------------------------------------------------------------ internals
     def _set(self, st: State) -> None:
         self.state = st
-        self.metrics.up.set(1 if st == State.READY else 0)
+        self.metrics.set_up(st == State.READY, self.replica)
         if self.on_state is not None:
             try:
                 self.on_state(st)
@@ -242,7 +288,7 @@ class TritonSupervisor:
         t_fail = time.monotonic()
         reason = self._reason(problem)
         self.last_failure = problem
-        self.metrics.failures.labels(kind=reason).inc()
+        self.metrics.failure(reason, self.replica)
         log.error("%s; restarting tritonserver", problem)
         self._set(State.RESTARTING)
         with self._lock:
@@ -262,7 +308,7 @@ class TritonSupervisor:
                 return
             self._restart_times.append(time.monotonic())
             self.restarts += 1
-            self.metrics.restarts.labels(reason=reason).inc()
+            self.metrics.restart(reason, self.replica)
             log.warning("restarting tritonserver (restart %d, same ports: gRPC %s, HTTP %s)", self.restarts,
                         self.server.grpc_url, self.server.http_url)
             try:
@@ -277,7 +323,148 @@ class TritonSupervisor:
                 backoff = min(backoff * 2, self.policy.backoff_max_s)
                 continue
             self.last_recovery_s = time.monotonic() - t_fail
-            self.metrics.recovery.set(self.last_recovery_s)
+            self.metrics.set_recovery(self.last_recovery_s, self.replica)
             log.warning("tritonserver is back after %.1f s (%s)", self.last_recovery_s, problem)
             self._set(State.READY)
             return
+
+
+# ---------------------------------------------------------------------------------------- several replicas
+class ReplicaPlanError(ValueError):
+    """`--replicas N` cannot be placed on this host; the message says why and what to do."""
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """The GPU ids this process may use: `CUDA_VISIBLE_DEVICES` when set (ids or UUIDs, in order), else one
+    id per line of `nvidia-smi -L`, else none."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
+
+
+def engines_plan(engines_dir: Path | None) -> tuple[bool | None, int]:
+    """(the target runs on GPUs, GPUs per replica) from `<engines_dir>/manifest.json`: `target.gpu` and
+    `parallel.world_size` (default 1). (None, 1) when there is no readable manifest."""
+    if engines_dir is None:
+        return None, 1
+    try:
+        data = json.loads((Path(engines_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, 1
+    target = data.get("target")
+    gpu = bool(target.get("gpu")) if isinstance(target, dict) and "gpu" in target else None
+    parallel = data.get("parallel")
+    ws = parallel.get("world_size", 1) if isinstance(parallel, dict) else 1
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        raise ReplicaPlanError(f"{engines_dir}/manifest.json has parallel.world_size {ws!r}; expected an "
+                               f"integer >= 1 (rebuild the engines).")
+    return gpu, ws
+
+
+def replica_devices(n: int, engines_dir: Path | None, gpus: list[str] | None = None) -> list[str | None]:
+    """`CUDA_VISIBLE_DEVICES` for each of `n` replicas (None: leave the environment alone). A GPU target
+    gives replica i the GPUs [i*W, (i+1)*W) of the visible ones (W = the plan's world size) and refuses more
+    replicas than fit; the cpu target runs `n` processes on the host."""
+    if n < 1:
+        raise ReplicaPlanError("--replicas must be at least 1.")
+    gpu_target, ws = engines_plan(engines_dir)
+    gpus = visible_gpus() if gpus is None else gpus
+    if gpu_target is False or (gpu_target is None and not gpus):
+        return [None] * n
+    if n * ws > len(gpus):
+        raise ReplicaPlanError(f"--replicas {n} needs {n} x {ws} GPU(s) (world size {ws} from the engines' "
+                               f"manifest) but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} visible"
+                               f"{' (' + ','.join(gpus) + ')' if gpus else ''}; use --replicas "
+                               f"{max(1, len(gpus) // ws)} or more GPUs.")
+    if n == 1 and ws == len(gpus):
+        return [None]  # the whole host: keep the environment as the user set it
+    return [",".join(gpus[i * ws:(i + 1) * ws]) for i in range(n)]
+
+
+class ReplicaServer(TritonServer):
+    """A TritonServer whose process gets extra environment variables (`env`, e.g. CUDA_VISIBLE_DEVICES):
+    the command is run through `env NAME=VALUE ...`, which execs tritonserver (same pid, so the parent-death
+    signal and the process-group bookkeeping are unchanged)."""
+
+    def __init__(self, *args: Any, env: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.env = dict(env or {})
+
+    def command(self, backends_dir: Path | None, binary: Path) -> list[str]:
+        cmd = super().command(backends_dir, binary)
+        if not self.env:
+            return cmd
+        env_bin = shutil.which("env") or "/usr/bin/env"
+        return [env_bin, *(f"{k}={v}" for k, v in self.env.items()), *cmd]
+
+
+def distinct_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` currently free, pairwise different TCP ports (HTTP, gRPC and metrics of every replica)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port(host)
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+class ReplicaGroup:
+    """N supervised tritonservers on one repository (`nemovl serve --replicas N`): started together, each
+    watched and restarted by its own TritonSupervisor, metrics in one registry with a `replica` label."""
+
+    def __init__(self, servers: list[TritonServer], policy: RestartPolicy | None = None, *,
+                 watchdog: Any = None) -> None:
+        if not servers:
+            raise ValueError("a replica group needs at least one server")
+        labelled = len(servers) > 1
+        self.metrics = SupervisorMetrics([s.grpc_url for s in servers] if labelled else None)
+        self.supervisors = [TritonSupervisor(s, policy, watchdog=watchdog, metrics=self.metrics,
+                                             replica=s.grpc_url if labelled else None) for s in servers]
+
+    @property
+    def grpc_urls(self) -> list[str]:
+        return [s.server.grpc_url for s in self.supervisors]
+
+    def start(self) -> ReplicaGroup:
+        """Start every replica at once and wait for all; one that cannot start stops the others and raises
+        its TritonLaunchError (prefixed with the replica)."""
+        for sup in self.supervisors:
+            sup.begin()
+        for i, sup in enumerate(self.supervisors):
+            try:
+                sup.wait_started()
+            except TritonLaunchError as e:
+                self.stop()
+                if len(self.supervisors) == 1:
+                    raise
+                raise TritonLaunchError(f"replica {i} (gRPC {sup.server.grpc_url}): {e}") from e
+        return self
+
+    def stop(self) -> None:
+        """Stop every replica (in parallel: each stop can take the server's exit timeout)."""
+        threads = [threading.Thread(target=s.stop, daemon=True) for s in self.supervisors]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def availability(self) -> Availability:
+        """Serving while at least one replica is ready; else the soonest Retry-After of them."""
+        states = [s.availability() for s in self.supervisors]
+        if any(a.serving for a in states):
+            return Availability(True)
+        best = min(states, key=lambda a: a.retry_after_s)
+        if len(states) == 1:
+            return best
+        return Availability(False, best.retry_after_s, f"no replica is ready ({best.reason})")
+
+    def render_metrics(self) -> bytes:
+        return generate_latest(self.metrics.registry)

@@ -17,23 +17,41 @@ import click
               help="Repository directory to write.")
 @click.option("--engines-ref", default=None,
               help="Value of the models' engines_dir parameter (default: ENGINES relative to OUT).")
-@click.option("--preprocessor-instances", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--vision-instances", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--preprocessor-instances", default=None, type=click.IntRange(1, 64),
+              help="Preprocessor model instances (default: the build config's serving.preprocessor_instances "
+                   "from the manifest, else 1).")
+@click.option("--vision-instances", default=None, type=click.IntRange(1, 64),
+              help="vision_encoder instances (per GPU on GPU targets; default: the build config's "
+                   "serving.vision_instances from the manifest, else 1).")
 @click.option("--video-pruning-rate", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Server default EVS rate for video requests (0 = off).")
-def repo(engines: Path, out: Path, engines_ref: str | None, preprocessor_instances: int, vision_instances: int,
-         video_pruning_rate: float) -> None:
+def repo(engines: Path, out: Path, engines_ref: str | None, preprocessor_instances: int | None,
+         vision_instances: int | None, video_pruning_rate: float) -> None:
     """Generate the Triton model repository for an engines dir."""
-    from nemovl_trt.triton.generator import RepoError, RepoOptions, generate_repository
+    from nemovl_trt.triton.generator import RepoError, RepoOptions, generate_repository, instance_counts
+    from nemovl_trt.triton.models.common import MANIFEST_FILE, read_manifest
     from nemovl_trt.triton.pbtxt import ConfigError
 
     opts = RepoOptions(engines_ref=engines_ref, preprocessor_instances=preprocessor_instances,
                        vision_instances=vision_instances, video_pruning_rate=video_pruning_rate)
     try:
         files = generate_repository(engines, out, opts)
+        manifest = read_manifest(engines.resolve())
+        pre, vis = instance_counts(manifest, opts)
     except (RepoError, ConfigError, KeyError) as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:  # a manifest.json that is not JSON
+        raise click.ClickException(f"{engines / MANIFEST_FILE}: {e}") from None
+
+    def origin(given: int | None, option: str, key: str) -> str:
+        if given is not None:
+            return option
+        return f"build config serving.{key}" if key in (manifest.get("serving") or {}) else "default"
+
+    pre_from = origin(preprocessor_instances, "--preprocessor-instances", "preprocessor_instances")
+    vis_from = origin(vision_instances, "--vision-instances", "vision_instances")
     click.echo(f"wrote {len(files)} files to {out}")
+    click.echo(f"instances: preprocessor {pre} ({pre_from}), vision_encoder {vis} ({vis_from})")
 
 
 @click.command("serve-triton")

@@ -53,13 +53,31 @@ class RepoError(ValueError):
 @dataclass(frozen=True)
 class RepoOptions:
     """Generator options. `engines_ref` is the `engines_dir` parameter written into the configs (default:
-    the engines dir relative to `out_dir`). Instance counts apply to the Python models."""
+    the engines dir relative to `out_dir`). Instance counts: None takes the build's value (the manifest's
+    `serving` section, from the build config's `serving:`), else 1 (`instance_counts`)."""
 
     engines_ref: str | None = None
-    preprocessor_instances: int = 1
-    vision_instances: int = 1
+    preprocessor_instances: int | None = None
+    vision_instances: int | None = None
     video_pruning_rate: float = 0.0
     max_concurrency: int = 64
+
+
+def instance_counts(manifest: dict[str, Any], opts: RepoOptions) -> tuple[int, int]:
+    """(preprocessor, vision_encoder) instance counts: the option when given, else the manifest's
+    `serving` section, else 1."""
+    serving = manifest.get("serving") or {}
+
+    def pick(given: int | None, key: str) -> int:
+        value = given if given is not None else serving.get(key)
+        if value is None:
+            return 1
+        if int(value) < 1:
+            raise RepoError(f"{key} must be at least 1, got {value}.")
+        return int(value)
+
+    return (pick(opts.preprocessor_instances, "preprocessor_instances"),
+            pick(opts.vision_instances, "vision_instances"))
 
 
 def _shim(module: str) -> str:
@@ -74,6 +92,7 @@ def build_configs(manifest: dict[str, Any], engines_ref: str, opts: RepoOptions)
     prec = mf.precisions(manifest)
     tile, tokens, hidden = mf.vision_shapes(manifest)
     vision_batch = int(limits.get("vision_max_batch_tiles") or 1)
+    pre_instances, vision_instances = instance_counts(manifest, opts)
     base = {itf.ENGINES_DIR_PARAMETER: engines_ref}
     public = {
         "model_id": mf.model_id(manifest), "target": target, "max_seq_len": str(limits["max_seq_len"]),
@@ -90,7 +109,7 @@ def build_configs(manifest: dict[str, Any], engines_ref: str, opts: RepoOptions)
                     "max_concurrency": str(opts.max_concurrency)})
     configs[itf.PREPROCESSOR_MODEL] = model_config(
         itf.PREPROCESSOR_MODEL, backend="python", inputs=itf.PREPROCESSOR_INPUTS,
-        outputs=itf.PREPROCESSOR_OUTPUTS, instance_count=opts.preprocessor_instances,
+        outputs=itf.PREPROCESSOR_OUTPUTS, instance_count=pre_instances,
         parameters={**base, "max_seq_len": public["max_seq_len"], "max_num_tiles": public["max_num_tiles"],
                     "max_images": public["max_images"], "max_video_frames": public["max_video_frames"],
                     "video_pruning_rate": public["video_pruning_rate"]})
@@ -101,12 +120,13 @@ def build_configs(manifest: dict[str, Any], engines_ref: str, opts: RepoOptions)
     if cpu:
         configs[itf.VISION_MODEL] = model_config(
             itf.VISION_MODEL, backend="python", inputs=v_in, outputs=v_out, max_batch_size=vision_batch,
-            dynamic_batching_delay_us=VISION_BATCH_DELAY_US, instance_count=opts.vision_instances,
+            dynamic_batching_delay_us=VISION_BATCH_DELAY_US, instance_count=vision_instances,
             parameters=base)
     else:
         configs[itf.VISION_MODEL] = model_config(
             itf.VISION_MODEL, platform="tensorrt_plan", inputs=v_in, outputs=v_out, max_batch_size=vision_batch,
-            dynamic_batching_delay_us=VISION_BATCH_DELAY_US, instance_count=1, instance_kind="KIND_GPU")
+            dynamic_batching_delay_us=VISION_BATCH_DELAY_US, instance_count=vision_instances,
+            instance_kind="KIND_GPU")  # per GPU: each instance is one execution context (the plan counts them)
     configs[itf.LLM_MODEL] = model_config(
         itf.LLM_MODEL, backend="python", inputs=itf.LLM_INPUTS, outputs=itf.LLM_OUTPUTS, decoupled=True,
         instance_kind="KIND_CPU",

@@ -98,7 +98,9 @@ Errors are returned as a Triton error whose message starts with `[<code>] `, whe
 `invalid_image`, `image_too_small`, `image_too_large`, `invalid_video`, `invalid_video_sampling`,
 `too_many_images`, `context_length_exceeded`, `invalid_parameter` (bad input; status INVALID_ARG);
 any other message is an internal error. The next request is served either way. Cancelling the gRPC
-stream request stops its generation in `llm`.
+stream request stops its generation in `llm`. A request that fails inside the engine after it started
+streaming (e.g. its sampling raised) ends with an internal error `llm: <message>` after the responses it
+already got; the other requests in the batch go on.
 
 ## `nemovl` parameters (limits of this build, read by the OpenAI frontend)
 | parameter | value |
@@ -135,4 +137,23 @@ perf_analyzer -m nemovl -i grpc --streaming -u 127.0.0.1:8001 --input-data input
   --concurrency-range 1:8
 ```
 with `inputs.json` holding `messages` (and optionally `params`) as BYTES strings.
+
+## Inside: how tokens travel (`llm` → `nemovl` → client)
+Each decode step of the `llm` model's batcher thread sends one response per running request (`token_ids`
+of that step) to `nemovl`, which detokenizes and sends one response to the client. Whether a client went
+away is asked at most every 20 ms in `llm` and every 50 ms per request in `nemovl` (each is an IPC round trip
+to tritonserver). A request the engine fails ends with a normal final `llm` response whose `finish_reason`
+is `error:<message>`; `nemovl` turns it into the client's error (an error *response* after token responses
+never reached the BLS caller, whose stream then hung).
+
+Profile (issue 17, py-spy of the stubs at concurrency 8, 48-token text requests, tiny checkpoint, 2 shared
+cores): the batcher thread spends 87 % of its time in `sender.send` (8 blocking IPC round trips per step)
+and 10 % in `engine.step`. Model parameter `response_threads` = N > 0 moves the sends to N sender threads
+that merge a request's tokens queued during a send (`response_interval_ms` > 0: also a fixed interval's):
++24 % output tokens/s at c=8 here, but with it the `nemovl` stub died under sustained c=8 load in our runs
+(heap corruption or a tritonserver `boost::interprocess::lock_exception`), which the default (0: the
+batcher thread sends) did not in the same test (4 × 20 s at c=8); so it is off. The `llm` model's `{{"op":"stats"}}` reports `steps`,
+`step_sequences` (mean batch = step_sequences / steps), `step_s` and `idle_s`;
+`python -m benchmarks.batching_bench --checkpoint CKPT --triton HOST:PORT` prints them with the c=8 / c=1
+ratio next to the engine-alone ratio of the same run.
 """

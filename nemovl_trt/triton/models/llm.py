@@ -6,6 +6,10 @@ TensorRT-LLM on GPU targets, both behind `LlmEngine`. `execute` only enqueues; t
 (`request.is_cancelled()`) leaves the batch. Python backend 2.51 has no way to cancel a BLS stream, so
 the `nemovl` model cancels through a control request: `control = {"op":"cancel","request_id":...}`.
 `{"op":"stats"}` reports the active requests and counters.
+
+A request that fails after it was queued (the engine raised for it) ends with one final response whose
+`finish_reason` is "error:<message>" (`nemovl` turns it into the client's error); a request refused at
+submission gets a Triton error response (nothing was streamed yet).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nemovl_trt.runtime import GenRequest, LlmEngine, load_engine
+from nemovl_trt.runtime.engine_api import ERROR_PREFIX
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import (
     bytes_scalar,
@@ -28,45 +33,96 @@ from nemovl_trt.triton.models.common import (
     read_manifest,
     resolve_engines_dir,
 )
+from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
+
+# Threads that send the streamed responses (ResponsePump); 0: the batcher thread sends them itself.
+# The pump takes the sends (blocking IPC round trips: 87 % of the batcher thread's time at concurrency 8,
+# docs/triton.md) off the batcher thread: +24 % output tokens/s at c=8 here. It is off by default because with
+# it the `nemovl` stub died under sustained c=8 load in our runs (heap corruption / tritonserver
+# lock_exception; 7 times in about an hour of c=8 runs), which the synchronous sends did not in the same test
+# (4 × 20 s at c=8). Why is not known (Python backend 2.51 sends with the GIL released).
+# `response_interval_ms` > 0 (pump only) makes each response carry the tokens of that many ms. Model
+# parameters `response_threads` / `response_interval_ms` override both.
+RESPONSE_THREADS = 0
+RESPONSE_INTERVAL_MS = 0.0
 
 
 class TritonSink:
-    """Sends a request's streamed ids through its response sender."""
+    """A request's `Sink`: its messages go out through the model's `ResponsePump` (never from the batcher
+    thread, see ResponsePump for why); each becomes one response of the decoupled stream."""
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, pump: ResponsePump | None) -> None:
         self.request = request
         self.sender = request.get_response_sender()
+        self.pump = pump
         self._lock = threading.Lock()
         self._closed = False
+        self.gone = False  # a send failed: the requester went away
+        # The Triton request is touched by two threads (pump: send; batcher's poller: is_cancelled). Python
+        # backend 2.51 does both as IPC with the GIL released; overlapping them on one request, or asking after
+        # its final response (the request is freed), crashed tritonserver / the stub under load. So the two
+        # never overlap, and nothing is asked once the final response is out.
+        self._io = threading.Lock()
+        self._final_sent = False
 
     def send(self, token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
              done: bool | None = None) -> None:
         with self._lock:
             if self._closed:
                 return
-            if finish_reason.startswith("error:"):
-                resp = pb_utils.InferenceResponse(error=pb_utils.TritonError(finish_reason[len("error:"):]))
-                self._closed = True
-                self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if finish_reason.startswith(ERROR_PREFIX):
+                # In-band, as a normal final response whose finish_reason is "error:<message>": an error
+                # *response* sent after token responses never reaches a BLS caller iterating the stream
+                # (Python backend 2.51: the caller's iterator waits forever, issue 18), this one always does.
+                token_ids, logprobs, done = [], None, True
+            final = done if done is not None else bool(finish_reason)
+            self._closed = final
+            msg = StreamMessage(list(token_ids), finish_reason, index, logprobs, final)
+            if self.pump is not None:
+                self.pump.put(self, msg)
                 return
-            resp = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
-                pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
-                pb_utils.Tensor("info", bytes_tensor("")),
-                pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
-                pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
-            ])
-            if done if done is not None else bool(finish_reason):
-                self._closed = True
+            try:  # no pump: send from the calling (batcher) thread
+                self.deliver(msg)
+            except Exception:  # noqa: BLE001 - the requester is gone: the next cancel poll drops it
+                self.gone = True
+
+    def deliver(self, msg: StreamMessage) -> None:
+        """Send one (merged) message as a response (called on a pump thread)."""
+        resp = pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("token_ids", np.asarray(msg.token_ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", bytes_tensor(msg.finish_reason)),
+            pb_utils.Tensor("info", bytes_tensor("")),
+            pb_utils.Tensor("index", np.array([msg.index], dtype=np.int32)),
+            pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(msg.logprobs) if msg.logprobs else "")),
+        ])
+        with self._io:
+            if msg.done:
+                self._final_sent = True
                 self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 self.sender.send(resp)
 
     def is_cancelled(self) -> bool:
+        if self.gone:
+            return True
+        if not self._io.acquire(blocking=False):
+            return False  # a send is in flight: ask at the next poll
         try:
+            if self._final_sent:
+                return False
             return bool(self.request.is_cancelled())
         except Exception:  # noqa: BLE001 - a request that cannot be queried is gone
             return True
+        finally:
+            self._io.release()
+
+
+def _deliver(sink: TritonSink, msg: StreamMessage) -> None:
+    sink.deliver(msg)
+
+
+def _sink_gone(sink: TritonSink, _error: Exception) -> None:
+    sink.gone = True  # the batcher's next cancel poll drops it from the batch
 
 
 class TritonPythonModel:
@@ -79,11 +135,15 @@ class TritonPythonModel:
         limits = mf.limits(manifest)
         max_batch = int(params.get("max_batch_size") or limits.get("max_batch_size") or 1)
         kind = mf.llm_engine(manifest)
-        threads = int(params.get("torch_threads") or 0)
-        if kind == "reference" and threads > 0:
+        torch_threads = int(params.get("torch_threads") or 0)
+        if kind == "reference" and torch_threads > 0:
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(torch_threads)
+        threads = int(params.get("response_threads") or RESPONSE_THREADS)
+        interval_ms = float(params.get("response_interval_ms") or RESPONSE_INTERVAL_MS)
+        self.pump = ResponsePump(_deliver, threads=threads, on_error=_sink_gone, name="llm-send",
+                                 interval_s=interval_ms / 1e3) if threads > 0 else None
         self.backend: LlmEngine = load_engine(kind, mf.llm_dir(engines, manifest), max_batch,
                                               llm_api_options=mf.llm_api_options(engines, manifest),
                                               dtype=params.get("dtype") or None)
@@ -124,7 +184,7 @@ class TritonPythonModel:
             raise ValueError("sampling.max_new_tokens is required.")
         rid_raw = bytes_scalar(_np(pb_utils.get_input_tensor_by_name(request, "request_id")))
         rid = rid_raw.decode() if rid_raw else uuid.uuid4().hex
-        self.backend.submit(GenRequest(rid, [int(t) for t in ids], mm_arr, sampling, TritonSink(request)))
+        self.backend.submit(GenRequest(rid, [int(t) for t in ids], mm_arr, sampling, TritonSink(request, self.pump)))
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -144,6 +204,9 @@ class TritonPythonModel:
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
+        pump = getattr(self, "pump", None)
+        if pump is not None:
+            pump.close()
 
 
 def _np(tensor: Any) -> np.ndarray | None:

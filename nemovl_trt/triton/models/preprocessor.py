@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nemovl_trt.preprocess.errors import PreprocessError
+from nemovl_trt.preprocess.image import warmup as image_warmup
 from nemovl_trt.triton.models.common import (
     bytes_scalar,
     bytes_tensor,
@@ -33,6 +34,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         engines = resolve_engines_dir(args)
         self.ctx = EntryContext.load(engines, read_manifest(engines), model_parameters(args))
+        # compile (or load from numba's cache) the exact resize kernels now, not on the first image request;
+        # False means the (slower, same output) Pillow path serves
+        self.fast_image_kernels = image_warmup()
 
     def _one(self, request: Any) -> Any:
         images_t = pb_utils.get_input_tensor_by_name(request, "images")
