@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[cpu,client,decord,dev]'
-	bash scripts/fetch_helm.sh >/dev/null  # the helm CLI for tests/test_helm_chart.py (x86_64; no-op elsewhere)
+	bash scripts/fetch_helm.sh >/dev/null || echo "note: helm CLI not fetched; tests/test_helm_chart.py retries, else uses Helm's Go SDK"  # x86_64; no-op elsewhere
 	touch $(STAMP)
 
 demo: setup
