@@ -47,19 +47,18 @@ class Serve(ServeProcess):
 
     def pids(self) -> tuple[int, dict[str, int]]:
         """(tritonserver pid, {model: stub pid}) of this server."""
-        from nemovl_trt.triton.launcher import group_pids, stub_info
+        from nemovl_trt.triton.launcher import group_pids, proc_stats, stub_info
 
         assert self.proc is not None
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+        for pid, fields in proc_stats():
+            if fields[1] != str(self.proc.pid):
                 continue
             try:
-                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
             except OSError:
                 continue
-            if argv0.endswith(b"tritonserver") and ppid == str(self.proc.pid):
-                ts = int(entry.name)
+            if argv0.endswith(b"tritonserver"):
+                ts = pid
                 stubs = {}
                 for p in group_pids(ts):
                     info = stub_info(p) if p != ts else None

@@ -32,6 +32,7 @@ import httpx
 
 from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, summarize, utc_now, write_json
 from benchmarks.stack import ServeProcess, build
+from nemovl_trt.triton.launcher import proc_stats
 
 NAME = "replicas_bench"
 MODEL = "nvidia/nemotron-nano-12b-v2-vl"
@@ -62,16 +63,7 @@ class Serve(ServeProcess):
         """CPU time (user + system, s) used so far by `nemovl serve` and every process below it (the
         tritonservers and their Python-backend stubs)."""
         assert self.proc is not None
-        stats: dict[int, tuple[int, float]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # after the command: state ppid pgrp ... utime (index 11) stime (12), in clock ticks
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+        stats = {pid: (int(f[1]), (int(f[11]) + int(f[12])) / CLOCK_TICKS) for pid, f in proc_stats()}
         tree, total = {self.proc.pid}, 0.0
         grew = True
         while grew:

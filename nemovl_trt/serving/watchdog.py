@@ -1,4 +1,5 @@
-"""A tiny cleanup process that outlives `nemovl serve` by a moment when it is killed (standard library only).
+"""A tiny cleanup process that outlives `nemovl serve` by a moment when it is killed (standard library only,
+plus triton/launcher.py's process helpers, which are standard library only too).
 
 `nemovl serve` starts it (`Watchdog.start()`) with a pipe as its standard input and announces, one line at a
 time, what it would have to clean up: `group PGID` (a tritonserver process group), `shm PATH` (a Python-backend
@@ -24,24 +25,22 @@ import threading
 import time
 from pathlib import Path
 
+from nemovl_trt.triton.launcher import group_pids
+
 OUR_BINARIES = (b"tritonserver", b"triton_python_backend_stub")
 SHM_DIR = Path("/dev/shm")
 
 
 def _members(pgid: int) -> list[int]:
+    """Live tritonserver / stub processes of group `pgid` (a reused group id of someone else is skipped)."""
     out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-        except (OSError, IndexError, ValueError):
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
             continue
         if argv0.endswith(OUR_BINARIES):
-            out.append(int(entry.name))
+            out.append(pid)
     return out
 
 

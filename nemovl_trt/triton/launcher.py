@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -220,10 +221,9 @@ def stub_info(pid: int) -> StubProcess | None:
     return StubProcess(pid=pid, model=model, instance=instance, shm=shm)
 
 
-def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
-    """Process ids whose process group is `pgid` (the server and its stubs); exited-but-unreaped (zombie)
-    processes are left out unless `include_zombies`."""
-    pids = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of /proc/PID/stat after the command name) for every process still readable:
+    fields[0] state, [1] ppid, [2] pgrp, ... [11] utime, [12] stime (clock ticks)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -231,8 +231,16 @@ def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and (include_zombies or fields[0] != "Z"):  # state, ppid, pgrp, ...
-            pids.append(int(entry.name))
+        yield int(entry.name), fields
+
+
+def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
+    """Process ids whose process group is `pgid` (the server and its stubs); exited-but-unreaped (zombie)
+    processes are left out unless `include_zombies`."""
+    pids = []
+    for pid, fields in proc_stats():
+        if int(fields[2]) == pgid and (include_zombies or fields[0] != "Z"):
+            pids.append(pid)
     return pids
 
 
