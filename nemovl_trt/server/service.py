@@ -63,9 +63,8 @@ def decode_body(raw: bytes) -> Any:
         return value
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from e
-    except (RecursionError, ValueError) as e:  # too deep / a number Python cannot convert: the client's mistake
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError: too deep — all the client's mistake
+    except (ValueError, RecursionError) as e:
         raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from e
 
 
