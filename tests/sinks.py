@@ -19,6 +19,7 @@ class ListSink:
         self.prompt_logprobs: list | None = None
         self.finish = ""
         self.calls = 0
+        self.sizes: list[int] = []  # token ids per message, in order
         self.done = threading.Event()
         self.gone_after = gone_after
 
@@ -26,6 +27,7 @@ class ListSink:
              done: bool | None = None) -> None:
         assert not self.done.is_set(), "a request got a message after its final one"
         self.ids += token_ids
+        self.sizes.append(len(token_ids))
         self.by_choice.setdefault(index, []).extend(token_ids)
         if logprobs:
             self.logprobs.setdefault(index, []).extend(logprobs.get("tokens", []))

@@ -265,6 +265,7 @@ def test_builtin_parallel_serving_and_tflops():
         assert (t.parallel.tensor_parallel, t.parallel.pipeline_parallel, t.parallel.world_size) == (1, 1, 1)
         assert (t.serving.preprocessor_instances, t.serving.vision_instances) == (1, 1)
         assert (t.serving.cpu_ms_per_image, t.serving.cpu_ms_per_video_frame) == (90.0, 23.0)
+        assert (t.serving.stream_interval, t.serving.stream_interval_min_batch) == (4, 2)
     assert load_target("h100").peak_tflops("fp8") == 1979 and load_target("b200").peak_tflops("nvfp4") == 9000
     assert load_target("cpu").peak_tflops("fp32") is None
     t = load_target("h100").with_parallel(tensor_parallel=4, pipeline_parallel=2)
@@ -285,6 +286,9 @@ def test_builtin_parallel_serving_and_tflops():
     ("h100", {"serving.preprocessor_instances": 1.5}, "h100.yaml: 'serving.preprocessor_instances' must be an integer"),
     ("h100", {"serving.cpu_ms_per_image": -1}, "h100.yaml: 'serving.cpu_ms_per_image' must be > 0, got -1."),
     ("h100", {"serving.gpu_instances": 2}, "h100.yaml: unknown key 'serving.gpu_instances'"),
+    ("cpu", {"serving.stream_interval": 0}, "cpu.yaml: 'serving.stream_interval' must be >= 1, got 0."),
+    ("h100", {"serving.stream_interval_min_batch": 2.5},
+     "h100.yaml: 'serving.stream_interval_min_batch' must be an integer"),
     ("h100", {"tensor_tflops.fp8": 0}, "h100.yaml: 'tensor_tflops.fp8' must be > 0, got 0."),
     ("h100", {"tensor_tflops.int4": 10}, "h100.yaml: unknown key 'tensor_tflops.int4'"),
 ])
@@ -336,7 +340,8 @@ def test_cpu_manifest_records_world_size_one(cpu_engines_dir):
     m = load_manifest(cpu_engines_dir)
     assert m["manifest_version"] == 2
     assert m["parallel"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "world_size": 1}
-    assert m["serving"] == {"preprocessor_instances": 1, "vision_instances": 1}
+    assert m["serving"] == {"preprocessor_instances": 1, "vision_instances": 1, "stream_interval": 4,
+                            "stream_interval_min_batch": 2}
     assert m["plan"]["world_size"] == 1 and len(m["plan"]["stages"]) == 1
 
 
@@ -360,7 +365,8 @@ def test_gpu_build_at_tp2_writes_the_sizes_and_the_world_size(tiny_ckpt_dir, tmp
     assert "world size 2 (tp 2 × pp 1)" in (out / "llm" / "llm_api_options.yaml").read_text()
     m = load_manifest(out)
     assert m["parallel"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "world_size": 2}
-    assert m["serving"] == {"preprocessor_instances": 1, "vision_instances": 1}
+    assert m["serving"] == {"preprocessor_instances": 1, "vision_instances": 1, "stream_interval": 4,
+                            "stream_interval_min_batch": 2}
     assert m["plan"]["stages"][0]["ranks"] == [0, 1]
     assert m["limits"]["max_batch_size"] == opts["max_batch_size"] == m["plan"]["engine_max_batch_size"]
     # another layout is another build: only the options and the manifest change

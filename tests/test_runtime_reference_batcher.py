@@ -113,3 +113,41 @@ def test_failing_step_ends_that_request_with_an_error(batcher, monkeypatch) -> N
         assert own._thread.is_alive()
     finally:
         own.close()
+
+
+def test_stream_interval_groups_tokens_only_while_several_sequences_run(cpu_engines_dir: Path) -> None:
+    """stream_interval 4 from a batch of 2 sequences: a lone request still gets one message per token; two
+    running together get their first token alone, then 4 per message, then the rest with the finish reason
+    — the same ids as one message per token."""
+    from nemovl_trt.model.engine import generate
+    from nemovl_trt.model.sampling import SamplingParams
+    from nemovl_trt.runtime.reference_batcher import sampling_params_from
+
+    b = build_reference_batcher(mf.llm_dir(cpu_engines_dir, read_manifest(cpu_engines_dir)), max_batch_size=4,
+                                stream_interval=4, stream_interval_min_batch=2)
+    try:
+        opts = {"max_new_tokens": 10, "ignore_eos": True, "temperature": 0.0}
+        prompts = {name: _prompt(b, text) for name, text in (("alone", "one at a time"), ("x", "first of two"),
+                                                                  ("y", "second of two"))}
+        alone = ListSink()
+        b.submit(GenRequest("alone", prompts["alone"], None, opts, alone))
+        alone.wait()
+        x, y = ListSink(), ListSink()
+        with b._cond:  # both queued before the batcher's next admission: they run in the same steps
+            b.submit(GenRequest("x", prompts["x"], None, opts, x))
+            b.submit(GenRequest("y", prompts["y"], None, opts, y))
+        x.wait(), y.wait()
+        assert alone.sizes == [1] * 10
+        assert x.sizes == y.sizes == [1, 4, 4, 1]
+        assert (alone.finish, x.finish, y.finish) == ("length", "length", "length")
+        for name, sink in (("alone", alone), ("x", x), ("y", y)):
+            assert sink.ids == generate(b.engine.model, prompts[name], None, sampling_params_from(SamplingParams, opts))
+        assert b.snapshot()["messages"] == 10 + 4 + 4
+    finally:
+        b.close()
+
+
+def test_stream_interval_below_one_is_refused(cpu_engines_dir: Path) -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        build_reference_batcher(mf.llm_dir(cpu_engines_dir, read_manifest(cpu_engines_dir)), max_batch_size=2,
+                                stream_interval=0)

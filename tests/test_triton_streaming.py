@@ -85,72 +85,21 @@ def test_text_stream_length_flushes_held_text() -> None:
 def test_text_stream_stop_string_finishes_stop() -> None:
     s = TextStream(decode=byte_decode, stops=["\n\n"])
     d = s.push(list(b"line one\n\nline two"))
-    assert (d.text, d.finish_reason, d.completion_tokens) == ("line one", "stop", 18)
+    # counted up to the token that completed the stop string (10 bytes of "line one\n\n"), as one id per push
+    assert (d.text, d.finish_reason, d.completion_tokens, d.token_ids) == ("line one", "stop", 10,
+                                                                         list(b"line one\n\n"))
 
 
-# ------------------------------------------------------------------------------- the llm's ResponsePump
-def test_merge_messages_joins_runs_of_one_choice_until_it_finishes() -> None:
-    from nemovl_trt.triton.streaming import StreamMessage, merge_messages
-
-    lp = lambda *vals: {"tokens": [[v, []] for v in vals]}  # noqa: E731
-    msgs = [StreamMessage([1], "", 0, {**lp(-0.1), "prompt": [None, [-1.0, []]]}), StreamMessage([2], "", 0, lp(-0.2)),
-            StreamMessage([7], "", 1, lp(-0.7)), StreamMessage([3], "length", 0, lp(-0.3)),
-            StreamMessage([8], "", 1, lp(-0.8)), StreamMessage([9], "stop", 1, lp(-0.9), done=True)]
-    out = merge_messages(msgs)
-    assert [(m.token_ids, m.finish_reason, m.index, m.done) for m in out] == [
-        ([1, 2], "", 0, False), ([7], "", 1, False), ([3], "length", 0, False), ([8, 9], "stop", 1, True)]
-    assert out[0].logprobs == {"tokens": [[-0.1, []], [-0.2, []]], "prompt": [None, [-1.0, []]]}
-    assert out[3].logprobs == {"tokens": [[-0.8, []], [-0.9, []]]}
-    assert msgs[0].token_ids == [1] and msgs[0].logprobs["tokens"] == [[-0.1, []]]  # inputs untouched
-    finished = [StreamMessage([4], "stop", 0), StreamMessage([], "", 0)]
-    assert len(merge_messages(finished)) == 2  # nothing joins a finished choice
-
-
-def test_response_pump_keeps_order_merges_while_busy_and_drops_a_failed_stream() -> None:
-    import threading
-
-    from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
-
-    sent: dict[str, list[StreamMessage]] = {"a": [], "b": [], "gone": []}
-    gate = threading.Event()
-    errors: list[str] = []
-
-    def send(key: str, msg: StreamMessage) -> None:
-        gate.wait(10)  # the first send blocks: what queues meanwhile must merge
-        if key == "gone":
-            raise ConnectionError("client left")
-        sent[key].append(msg)
-
-    pump = ResponsePump(send, threads=1, on_error=lambda key, e: errors.append(f"{key}: {e}"))
-    pump.put("a", StreamMessage([0]))
-    for i in range(1, 6):
-        pump.put("a", StreamMessage([i]))
-        pump.put("b", StreamMessage([10 + i], "length" if i == 5 else "", done=i == 5))
-        pump.put("gone", StreamMessage([20 + i]))
-    gate.set()
-    pump.put("a", StreamMessage([6], "stop", done=True))
-    pump.close()
-    assert [t for m in sent["a"] for t in m.token_ids] == list(range(7))
-    assert [t for m in sent["b"] for t in m.token_ids] == [11, 12, 13, 14, 15]
-    assert sent["a"][-1].done and sent["b"][-1].finish_reason == "length"
-    assert len(sent["b"]) == 1 and len(sent["a"]) <= 3  # merged: fewer responses than messages
-    assert errors == ["gone: client left"] and sent["gone"] == []  # one error, nothing after it
-    assert pump.messages == 17 and pump.sent == len(sent["a"]) + len(sent["b"])
-    with pytest.raises(ValueError, match="at least 1 thread"):
-        ResponsePump(send, threads=0)
-
-
-def test_response_pump_interval_batches_a_fast_stream() -> None:
-    import time
-
-    from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
-
-    got: list[list[int]] = []
-    pump = ResponsePump(lambda key, msg: got.append(msg.token_ids), interval_s=0.2)
-    pump.put("a", StreamMessage([0]))  # the pump was idle: sent at once
-    time.sleep(0.05)
-    for i in range(1, 5):
-        pump.put("a", StreamMessage([i]))  # within the interval: one response
-    pump.put("a", StreamMessage([5], "stop", done=True))
-    pump.close()
-    assert got[0] == [0] and [t for ids in got for t in ids] == [0, 1, 2, 3, 4, 5] and len(got) == 2
+def test_text_stream_chunked_ids_end_at_the_token_that_completed_the_stop_string() -> None:
+    """The llm's stream interval sends several ids per response: text, ids and token count must be those of
+    one id per response (the ids after the stop are dropped, not counted)."""
+    text = b"say it: ENDnext words"
+    one = TextStream(decode=byte_decode, stops=["END"])
+    deltas = [one.push([t]) for t in text]
+    stop_at = next(i for i, d in enumerate(deltas) if d.finish_reason)
+    chunked = TextStream(decode=byte_decode, stops=["END"])
+    got = [chunked.push(list(text[i:i + 4])) for i in range(0, 12, 4)]  # "say ", "it: ", "ENDn"
+    assert stop_at == text.index(b"END") + 2
+    assert "".join(d.text for d in got) == "".join(d.text for d in deltas[:stop_at + 1]) == "say it: "
+    assert got[-1].token_ids == list(b"END") and got[-1].finish_reason == "stop"
+    assert got[-1].completion_tokens == deltas[stop_at].completion_tokens == stop_at + 1 == 11

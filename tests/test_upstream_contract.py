@@ -66,6 +66,9 @@ def test_llm_api_options_use_only_upstream_fields(name: str, real_config) -> Non
     assert cg["batch_sizes"] == sorted(set(cg["batch_sizes"]))
     # chunked prefill on: a 128-frame video (> 30K tokens) runs in max_num_tokens-sized chunks
     assert opts["enable_chunked_prefill"] is True and opts["max_num_tokens"] < opts["max_seq_len"]
+    # the serving config's stream interval, as upstream's int field (default 1, must be > 0)
+    si = symbol("tensorrt_llm", "tensorrt_llm.llmapi.llm_args.TorchLlmArgs")["fields"]["stream_interval"]
+    assert (si["type"], si["default"]) == ("int", "1") and opts["stream_interval"] == target.serving.stream_interval == 4
 
 
 @pytest.mark.parametrize("opts", [

@@ -55,9 +55,11 @@ def parallel_section(target: TargetConfig) -> dict[str, int]:
 
 
 def serving_section(target: TargetConfig) -> dict[str, int]:
-    """`manifest["serving"]`: Triton instance counts from the target's `serving:` section."""
+    """`manifest["serving"]`: Triton instance counts and the llm's stream interval from the target's
+    `serving:` section."""
     srv = target.serving
-    return {"preprocessor_instances": srv.preprocessor_instances, "vision_instances": srv.vision_instances}
+    return {"preprocessor_instances": srv.preprocessor_instances, "vision_instances": srv.vision_instances,
+            "stream_interval": srv.stream_interval, "stream_interval_min_batch": srv.stream_interval_min_batch}
 
 
 def write_manifest(engines_dir: Path, manifest: dict[str, Any]) -> Path:

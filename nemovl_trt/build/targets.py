@@ -102,6 +102,11 @@ class ServingOptions:
     vision_instances: int = 1  # Triton instances of the vision encoder per GPU
     cpu_ms_per_image: float = 90.0  # host CPU ms to decode + tile one 2048×1536 image into 13 tiles
     cpu_ms_per_video_frame: float = 23.0  # host CPU ms per sampled video frame (decode + resize)
+    # Tokens per streamed llm response while >= stream_interval_min_batch sequences run (TensorRT-LLM's
+    # LLM-API option of the same name on GPU targets, which applies it at every batch size): each response is
+    # a blocking IPC round trip of the Triton Python backend (docs/triton.md "Stream interval").
+    stream_interval: int = 4
+    stream_interval_min_batch: int = 2
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ _TRTLLM_KEYS: dict[str, type | tuple[type, ...]] = {
 _PARALLEL_KEYS: dict[str, type | tuple[type, ...]] = {"tensor_parallel": int, "pipeline_parallel": int}
 _SERVING_KEYS: dict[str, type | tuple[type, ...]] = {
     "preprocessor_instances": int, "vision_instances": int, "cpu_ms_per_image": (int, float),
-    "cpu_ms_per_video_frame": (int, float),
+    "cpu_ms_per_video_frame": (int, float), "stream_interval": int, "stream_interval_min_batch": int,
 }
 _TFLOPS_KEYS: dict[str, type | tuple[type, ...]] = {p: (int, float) for p in PRECISION_BYTES}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", list: "a list", dict: "a mapping",
@@ -266,7 +271,7 @@ def parse_target(d: Any, where: str) -> TargetConfig:
     _check_section(par_d, _PARALLEL_KEYS, where, "parallel.")
     _check_section(srv_d, _SERVING_KEYS, where, "serving.")
     _check_section(tflops_d, _TFLOPS_KEYS, where, "tensor_tflops.")
-    for key in ("preprocessor_instances", "vision_instances"):
+    for key in ("preprocessor_instances", "vision_instances", "stream_interval", "stream_interval_min_batch"):
         if key in srv_d and srv_d[key] < 1:
             raise TargetError(f"{where}: 'serving.{key}' must be >= 1, got {srv_d[key]}.")
     for key in ("cpu_ms_per_image", "cpu_ms_per_video_frame"):

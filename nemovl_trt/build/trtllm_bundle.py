@@ -170,6 +170,9 @@ def llm_api_options(target: TargetConfig, plan: MemoryPlan) -> dict[str, Any]:
         "max_num_tokens": plan.max_num_tokens,
         "max_seq_len": plan.max_seq_len,
         "enable_chunked_prefill": t.enable_chunked_prefill,
+        # a streamed response every N iterations (first and last at once): fewer responses through the Triton
+        # llm model's IPC under load (serving.stream_interval; upstream applies it at every batch size)
+        "stream_interval": target.serving.stream_interval,
         # structured output (response_format, GuidedDecodingParams per request): the grammar engine the cpu
         # reference engine uses too (docs/api.md "Structured output")
         "guided_decoding_backend": "llguidance",

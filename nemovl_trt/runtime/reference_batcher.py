@@ -5,6 +5,12 @@ decoding join it at the next step; finished, cancelled or abandoned requests lea
 `is_cancelled()` (the client went away) is cancelled in the engine. Control operations (cancel by id,
 stats) are thread-safe.
 
+Streaming interval (upstream TensorRT-LLM's and SGLang's `stream_interval`): while the running batch holds at
+least `stream_interval_min_batch` sequences, a choice's tokens go to its sink every `stream_interval` tokens
+(its first token and its last message at once). Each `Sink.send` of the Triton `llm` model is a blocking IPC
+round trip, and with one per sequence per step they took most of the batcher's time at concurrency 8
+(docs/triton.md); with a single sequence nobody else waits for it, so every token goes out.
+
 Errors: a choice the engine ends with "error:<message>" (its prefill or its sampling raised) ends its whole
 request with one `error:<message>` message to the sink (the request's other choices are cancelled in the
 engine); the other requests keep decoding. Anything else that raises in the loop fails the requests it
@@ -41,6 +47,7 @@ class BatcherStats:
     max_batch_seen: int = 0
     step_sequences: int = 0  # sum over steps of the sequences (choices) decoded: mean batch = this / steps
     step_s: float = 0.0  # seconds inside engine.step()
+    messages: int = 0  # Sink.send calls with tokens (mean tokens per message = generated tokens / this)
     idle_s: float = 0.0  # seconds with nothing queued or running (waiting for requests)
     cancelled_ids: deque[str] = field(default_factory=lambda: deque(maxlen=CANCELLED_IDS_KEPT))
 
@@ -54,7 +61,11 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: Any, make_sampling: Callable[[dict[str, Any]], Any], max_batch_size: int,
-                 to_tensor: Callable[[np.ndarray | None], Any], cancel_poll_s: float = 0.02) -> None:
+                 to_tensor: Callable[[np.ndarray | None], Any], cancel_poll_s: float = 0.02,
+                 stream_interval: int = 1, stream_interval_min_batch: int = 2) -> None:
+        if stream_interval < 1 or stream_interval_min_batch < 1:
+            raise ValueError(f"stream_interval ({stream_interval}) and stream_interval_min_batch "
+                             f"({stream_interval_min_batch}) must be at least 1.")
         self.engine = engine
         self.make_sampling = make_sampling
         self.max_batch_size = max_batch_size
@@ -68,6 +79,9 @@ class ContinuousBatcher:
         self._stop = False
         self.stats = BatcherStats()
         self.cancel_poll_s = cancel_poll_s  # how often requesters are asked whether they went away
+        self.stream_interval = stream_interval
+        self.stream_interval_min_batch = stream_interval_min_batch
+        self._unsent: dict[str, dict[int, _Unsent]] = {}  # per running request and choice: what is not sent yet
         self._thread = threading.Thread(target=self._run, name="llm-batcher", daemon=True)
         self._thread.start()
         self._last_cancel_poll = 0.0
@@ -97,7 +111,7 @@ class ContinuousBatcher:
             return {"active": sorted(self._active), "queued": [r.request_id for r in self._pending],
                     "submitted": s.submitted, "completed": s.completed, "cancelled": s.cancelled,
                     "failed": s.failed, "steps": s.steps, "max_batch_seen": s.max_batch_seen,
-                    "step_sequences": s.step_sequences, "step_s": round(s.step_s, 6),
+                    "step_sequences": s.step_sequences, "step_s": round(s.step_s, 6), "messages": s.messages,
                     "idle_s": round(s.idle_s, 6),
                     "cancelled_ids": list(s.cancelled_ids)}
 
@@ -110,13 +124,18 @@ class ContinuousBatcher:
     # ---- loop ----
     def _finish(self, req: GenRequest, reason: str) -> None:
         """End a whole request with one final message (cancelled: queued, by id, or requester gone)."""
-        self._active.pop(req.request_id, None)
-        self._open.pop(req.request_id, None)
+        self._drop(req.request_id)
         self._count(req, reason)
         try:
             req.sink.send([], reason, done=True)
         except Exception:  # noqa: BLE001 - the requester is gone; nothing else to do
             pass
+
+    def _drop(self, rid: str) -> None:
+        """Forget a request that left the batch (with the tokens it had not been sent)."""
+        self._active.pop(rid, None)
+        self._open.pop(rid, None)
+        self._unsent.pop(rid, None)
 
     def _count(self, req: GenRequest, reason: str) -> None:
         if reason == "cancelled":
@@ -229,54 +248,77 @@ class ContinuousBatcher:
         """End every running request with `error` (a failure that cannot be pinned on one request)."""
         for rid, req in list(self._active.items()):
             self.engine.cancel(rid)
-            self._active.pop(rid, None)
-            self._open.pop(rid, None)
+            self._drop(rid)
             self._fail(req, error)
 
+    def _interval(self) -> int:
+        """Tokens per message for this step's batch (1: every token goes out)."""
+        return self.stream_interval if self._slots() >= self.stream_interval_min_batch else 1
+
     def _deliver(self, outs: list[Any]) -> None:
-        """Engine events → one message per (request, choice) of this step; the request's last one is final."""
-        by_choice: dict[tuple[str, int], dict[str, Any]] = {}
+        """Engine events → at most one message per (request, choice) of this step; the request's last one is
+        final. A choice's tokens wait in `_unsent` until `_interval()` of them are there (the first token and
+        the finishing message go at once)."""
+        interval = self._interval()
+        touched: dict[tuple[str, int], None] = {}  # choices with events this step, in event order
         for out in outs:
-            ent = by_choice.setdefault((out.request_id, out.index), {"ids": [], "lps": [], "reason": "",
-                                                                     "prompt": None})
+            rid = out.request_id
+            if rid not in self._active:
+                continue
+            ent = self._unsent.setdefault(rid, {}).setdefault(out.index, _Unsent())
+            touched[(rid, out.index)] = None
             if out.token_id is not None and out.token_id >= 0:
-                ent["ids"].append(int(out.token_id))
+                ent.ids.append(int(out.token_id))
                 if out.logprob is not None:
-                    ent["lps"].append([out.logprob, [list(t) for t in out.top_logprobs]])
+                    ent.lps.append([out.logprob, [list(t) for t in out.top_logprobs]])
             if out.prompt_logprobs is not None:
-                ent["prompt"] = [None if p is None else [p[0], [list(t) for t in p[1]]]
-                                 for p in out.prompt_logprobs]
-            if out.finished and not ent["reason"].startswith(ERROR_PREFIX):
-                ent["reason"] = out.finish_reason or "stop"
-        for (rid, index), ent in by_choice.items():
+                ent.prompt = [None if p is None else [p[0], [list(t) for t in p[1]]] for p in out.prompt_logprobs]
+            if out.finished and not ent.reason.startswith(ERROR_PREFIX):
+                ent.reason = out.finish_reason or "stop"
+        for rid, index in touched:
             req = self._active.get(rid)
-            if req is None:
-                continue
-            if ent["reason"].startswith(ERROR_PREFIX):  # one failed choice ends the request, with the error
+            ent = self._unsent.get(rid, {}).get(index)
+            if req is None or ent is None:
+                continue  # the request already ended in this loop (another choice failed)
+            if ent.reason.startswith(ERROR_PREFIX):  # one failed choice ends the request, with the error
                 self.engine.cancel(rid)
-                self._active.pop(rid, None)
-                self._open.pop(rid, None)
-                self._fail(req, RuntimeError(ent["reason"][len(ERROR_PREFIX):]))
+                self._drop(rid)
+                self._fail(req, RuntimeError(ent.reason[len(ERROR_PREFIX):]))
                 continue
+            if not (ent.reason or not ent.sent or len(ent.ids) >= interval):
+                continue  # wait for more tokens
             open_ = self._open.setdefault(rid, set())
-            if ent["reason"]:
+            if ent.reason:
                 open_.discard(index)
             done = not open_
             payload = None
-            if ent["lps"] or ent["prompt"] is not None:
-                payload = {"tokens": ent["lps"]}
-                if ent["prompt"] is not None:
-                    payload["prompt"] = ent["prompt"]
+            if ent.lps or ent.prompt is not None:
+                payload = {"tokens": ent.lps}
+                if ent.prompt is not None:
+                    payload["prompt"] = ent.prompt
+            ids, reason = ent.ids, ent.reason
+            ent.ids, ent.lps, ent.prompt, ent.sent = [], [], None, True
+            self.stats.messages += 1
             try:
-                req.sink.send(ent["ids"], ent["reason"], index=index, logprobs=payload, done=done)
+                req.sink.send(ids, reason, index=index, logprobs=payload, done=done)
             except Exception:  # noqa: BLE001 - requester gone: leave the batch
                 self.engine.cancel(rid)
                 self._finish(req, "cancelled")
                 continue
             if done:
-                self._active.pop(rid, None)
-                self._open.pop(rid, None)
-                self._count(req, ent["reason"])
+                self._drop(rid)
+                self._count(req, reason)
+
+
+@dataclass
+class _Unsent:
+    """A running choice's tokens (and logprob entries) since its last message."""
+
+    ids: list[int] = field(default_factory=list)
+    lps: list[list] = field(default_factory=list)
+    prompt: list | None = None
+    reason: str = ""
+    sent: bool = False  # its first message went out
 
 
 def _choices(req: GenRequest) -> int:
@@ -286,10 +328,11 @@ def _choices(req: GenRequest) -> int:
         return 1
 
 
-def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int,
-                            dtype: str | None = None) -> ContinuousBatcher:
+def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int, dtype: str | None = None,
+                            stream_interval: int = 1, stream_interval_min_batch: int = 2) -> ContinuousBatcher:
     """Load the cpu-target LLM (the checkpoint the build put in the engines dir's `llm/`) into a
-    ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...).
+    ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...);
+    `stream_interval*`: see ContinuousBatcher.
     Structured-output specs are compiled for the checkpoint's tokenizer (`model.grammar`)."""
     import torch
 
@@ -313,7 +356,8 @@ def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int,
             return None
         return torch.from_numpy(np.ascontiguousarray(arr)).to(model_dtype)
 
-    batcher = ContinuousBatcher(engine, make_sampling, max_batch_size, to_tensor)
+    batcher = ContinuousBatcher(engine, make_sampling, max_batch_size, to_tensor, stream_interval=stream_interval,
+                                stream_interval_min_batch=stream_interval_min_batch)
     batcher.grammars = grammars
     return batcher
 

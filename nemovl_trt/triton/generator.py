@@ -80,6 +80,18 @@ def instance_counts(manifest: dict[str, Any], opts: RepoOptions) -> tuple[int, i
             pick(opts.vision_instances, "vision_instances"))
 
 
+def stream_settings(manifest: dict[str, Any]) -> dict[str, int]:
+    """The llm model's `stream_interval` / `stream_interval_min_batch` from the manifest's `serving` section
+    (an engines dir built before they existed: 1 / 2, every token its own response)."""
+    serving = manifest.get("serving") or {}
+    out = {"stream_interval": int(serving.get("stream_interval") or 1),
+           "stream_interval_min_batch": int(serving.get("stream_interval_min_batch") or 2)}
+    for key, value in out.items():
+        if value < 1:
+            raise RepoError(f"{key} must be at least 1, got {value}.")
+    return out
+
+
 def _shim(module: str) -> str:
     return SHIM.format(module=module)
 
@@ -130,7 +142,8 @@ def build_configs(manifest: dict[str, Any], engines_ref: str, opts: RepoOptions)
     configs[itf.LLM_MODEL] = model_config(
         itf.LLM_MODEL, backend="python", inputs=itf.LLM_INPUTS, outputs=itf.LLM_OUTPUTS, decoupled=True,
         instance_kind="KIND_CPU",
-        parameters={**base, "max_batch_size": str(limits["max_batch_size"]), "target": target})
+        parameters={**base, "max_batch_size": str(limits["max_batch_size"]), "target": target,
+                    **{k: str(v) for k, v in stream_settings(manifest).items()}})
     return {name: to_text(cfg) for name, cfg in configs.items()}
 
 

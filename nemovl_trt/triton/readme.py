@@ -139,21 +139,27 @@ perf_analyzer -m nemovl -i grpc --streaming -u 127.0.0.1:8001 --input-data input
 with `inputs.json` holding `messages` (and optionally `params`) as BYTES strings.
 
 ## Inside: how tokens travel (`llm` → `nemovl` → client)
-Each decode step of the `llm` model's batcher thread sends one response per running request (`token_ids`
-of that step) to `nemovl`, which detokenizes and sends one response to the client. Whether a client went
+Each decode step of the `llm` model's batcher thread sends up to one response per running request
+(`token_ids` since its last one, see the stream interval below) to `nemovl`, which detokenizes and sends one response to the client. Whether a client went
 away is asked at most every 20 ms in `llm` and every 50 ms per request in `nemovl` (each is an IPC round trip
 to tritonserver). A request the engine fails ends with a normal final `llm` response whose `finish_reason`
 is `error:<message>`; `nemovl` turns it into the client's error (an error *response* after token responses
 never reached the BLS caller, whose stream then hung).
 
-Profile (issue 17, py-spy of the stubs at concurrency 8, 48-token text requests, tiny checkpoint, 2 shared
-cores): the batcher thread spends 87 % of its time in `sender.send` (8 blocking IPC round trips per step)
-and 10 % in `engine.step`. Model parameter `response_threads` = N > 0 moves the sends to N sender threads
-that merge a request's tokens queued during a send (`response_interval_ms` > 0: also a fixed interval's):
-+24 % output tokens/s at c=8 here, but with it the `nemovl` stub died under sustained c=8 load in our runs
-(heap corruption or a tritonserver `boost::interprocess::lock_exception`), which the default (0: the
-batcher thread sends) did not in the same test (4 × 20 s at c=8); so it is off. The `llm` model's `{{"op":"stats"}}` reports `steps`,
-`step_sequences` (mean batch = step_sequences / steps), `step_s` and `idle_s`;
-`python -m benchmarks.batching_bench --checkpoint CKPT --triton HOST:PORT` prints them with the c=8 / c=1
+Stream interval (issue 17): each `llm` response is a blocking IPC round trip of the Python backend. A
+py-spy profile of the stubs at concurrency 8 (48-token text requests, tiny checkpoint, 2 shared cores) had
+the batcher thread 87 % in `sender.send` (8 per step) and 10 % in `engine.step`, so the Triton path batched
+2.1× at c=8 against 3.9× for the engine alone. So while at least `stream_interval_min_batch` sequences run,
+a choice's tokens go out every `stream_interval` tokens (its first token and its last message at once; the
+build config's `serving:` section, default 4 and 2, written into `llm/config.pbtxt` as model parameters;
+`stream_interval: 1` restores one response per token). A lone sequence still gets every token at once:
+nobody else waits for its sends. Stop strings give the same text and token counts either way (`nemovl`
+scans a multi-token response one token at a time and drops the tokens after the stop). On GPU targets the
+same number is TensorRT-LLM's LLM-API option `stream_interval` (llm_api_options.yaml), which upstream applies
+at every batch size. Measured with `python -m benchmarks.batching_bench --checkpoint CKPT --triton HOST:PORT`
+(README benchmark table). An earlier attempt moved the sends to sender threads instead (+24 %), but the
+Python backend 2.51 stub died under sustained load with it (heap corruption), so it was removed. The `llm`
+model's `{{"op":"stats"}}` reports `steps`, `step_sequences` (mean batch = step_sequences / steps),
+`step_s`, `idle_s` and `messages` (token responses sent); the benchmark prints them with the c=8 / c=1
 ratio next to the engine-alone ratio of the same run.
 """

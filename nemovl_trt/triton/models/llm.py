@@ -5,7 +5,9 @@ TensorRT-LLM on GPU targets, both behind `LlmEngine`. `execute` only enqueues; t
 (or event loop) generates, so requests arriving during a decode join the running batch at the next step. A request whose client went away
 (`request.is_cancelled()`) leaves the batch. Python backend 2.51 has no way to cancel a BLS stream, so
 the `nemovl` model cancels through a control request: `control = {"op":"cancel","request_id":...}`.
-`{"op":"stats"}` reports the active requests and counters.
+`{"op":"stats"}` reports the active requests and counters. Model parameters `stream_interval` /
+`stream_interval_min_batch` (written from the build's `serving:` section) go to the reference batcher (on GPU
+targets TensorRT-LLM's own `stream_interval` comes from llm_api_options.yaml).
 
 A request that fails after it was queued (the engine raised for it) ends with one final response whose
 `finish_reason` is "error:<message>" (`nemovl` turns it into the client's error); a request refused at
@@ -15,7 +17,6 @@ submission gets a Triton error response (nothing was streamed yet).
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from typing import Any
 
@@ -33,96 +34,60 @@ from nemovl_trt.triton.models.common import (
     read_manifest,
     resolve_engines_dir,
 )
-from nemovl_trt.triton.streaming import ResponsePump, StreamMessage
 
-# Threads that send the streamed responses (ResponsePump); 0: the batcher thread sends them itself.
-# The pump takes the sends (blocking IPC round trips: 87 % of the batcher thread's time at concurrency 8,
-# docs/triton.md) off the batcher thread: +24 % output tokens/s at c=8 here. It is off by default because with
-# it the `nemovl` stub died under sustained c=8 load in our runs (heap corruption / tritonserver
-# lock_exception; 7 times in about an hour of c=8 runs), which the synchronous sends did not in the same test
-# (4 × 20 s at c=8). Why is not known (Python backend 2.51 sends with the GIL released).
-# `response_interval_ms` > 0 (pump only) makes each response carry the tokens of that many ms. Model
-# parameters `response_threads` / `response_interval_ms` override both.
-RESPONSE_THREADS = 0
-RESPONSE_INTERVAL_MS = 0.0
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonSink:
-    """A request's `Sink`: its messages go out through the model's `ResponsePump` (never from the batcher
-    thread, see ResponsePump for why); each becomes one response of the decoupled stream."""
+    """A request's `Sink`: each message becomes one response of the decoupled stream, sent from the calling
+    thread — the engine's loop thread, which also polls `is_cancelled`, so the two IPC calls on one Triton
+    request never overlap (overlapping them, from a separate sender thread, crashed the Python backend 2.51
+    stub under load), and nothing is asked once the final response is out (the request is freed then).
+    Fewer, larger responses under load come from the engine's stream interval (docs/triton.md)."""
 
-    def __init__(self, request: Any, pump: ResponsePump | None) -> None:
+    def __init__(self, request: Any) -> None:
         self.request = request
         self.sender = request.get_response_sender()
-        self.pump = pump
-        self._lock = threading.Lock()
         self._closed = False
-        self.gone = False  # a send failed: the requester went away
-        # The Triton request is touched by two threads (pump: send; batcher's poller: is_cancelled). Python
-        # backend 2.51 does both as IPC with the GIL released; overlapping them on one request, or asking after
-        # its final response (the request is freed), crashed tritonserver / the stub under load. So the two
-        # never overlap, and nothing is asked once the final response is out.
-        self._io = threading.Lock()
         self._final_sent = False
+        self.gone = False  # a send failed: the requester went away
 
     def send(self, token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
              done: bool | None = None) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if finish_reason.startswith(ERROR_PREFIX):
-                # In-band, as a normal final response whose finish_reason is "error:<message>": an error
-                # *response* sent after token responses never reaches a BLS caller iterating the stream
-                # (Python backend 2.51: the caller's iterator waits forever, issue 18), this one always does.
-                token_ids, logprobs, done = [], None, True
-            final = done if done is not None else bool(finish_reason)
-            self._closed = final
-            msg = StreamMessage(list(token_ids), finish_reason, index, logprobs, final)
-            if self.pump is not None:
-                self.pump.put(self, msg)
-                return
-            try:  # no pump: send from the calling (batcher) thread
-                self.deliver(msg)
-            except Exception:  # noqa: BLE001 - the requester is gone: the next cancel poll drops it
-                self.gone = True
-
-    def deliver(self, msg: StreamMessage) -> None:
-        """Send one (merged) message as a response (called on a pump thread)."""
+        if self._closed:
+            return
+        if finish_reason.startswith(ERROR_PREFIX):
+            # In-band, as a normal final response whose finish_reason is "error:<message>": an error
+            # *response* sent after token responses never reaches a BLS caller iterating the stream
+            # (Python backend 2.51: the caller's iterator waits forever, issue 18), this one always does.
+            token_ids, logprobs, done = [], None, True
+        final = done if done is not None else bool(finish_reason)
+        self._closed = final
         resp = pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.asarray(msg.token_ids, dtype=np.int64)),
-            pb_utils.Tensor("finish_reason", bytes_tensor(msg.finish_reason)),
+            pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
             pb_utils.Tensor("info", bytes_tensor("")),
-            pb_utils.Tensor("index", np.array([msg.index], dtype=np.int32)),
-            pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(msg.logprobs) if msg.logprobs else "")),
+            pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
+            pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
         ])
-        with self._io:
-            if msg.done:
+        try:
+            if final:
                 self._final_sent = True
-                self.sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self.sender.send(resp, flags=FINAL)
             else:
                 self.sender.send(resp)
+        except Exception:  # noqa: BLE001 - the requester is gone: the next cancel poll drops it
+            self.gone = True
 
     def is_cancelled(self) -> bool:
         if self.gone:
             return True
-        if not self._io.acquire(blocking=False):
-            return False  # a send is in flight: ask at the next poll
+        if self._final_sent:
+            return False
         try:
-            if self._final_sent:
-                return False
             return bool(self.request.is_cancelled())
         except Exception:  # noqa: BLE001 - a request that cannot be queried is gone
             return True
-        finally:
-            self._io.release()
-
-
-def _deliver(sink: TritonSink, msg: StreamMessage) -> None:
-    sink.deliver(msg)
-
-
-def _sink_gone(sink: TritonSink, _error: Exception) -> None:
-    sink.gone = True  # the batcher's next cancel poll drops it from the batch
 
 
 class TritonPythonModel:
@@ -140,13 +105,12 @@ class TritonPythonModel:
             import torch
 
             torch.set_num_threads(torch_threads)
-        threads = int(params.get("response_threads") or RESPONSE_THREADS)
-        interval_ms = float(params.get("response_interval_ms") or RESPONSE_INTERVAL_MS)
-        self.pump = ResponsePump(_deliver, threads=threads, on_error=_sink_gone, name="llm-send",
-                                 interval_s=interval_ms / 1e3) if threads > 0 else None
         self.backend: LlmEngine = load_engine(kind, mf.llm_dir(engines, manifest), max_batch,
                                               llm_api_options=mf.llm_api_options(engines, manifest),
-                                              dtype=params.get("dtype") or None)
+                                              dtype=params.get("dtype") or None,
+                                              stream_interval=int(params.get("stream_interval") or 1),
+                                              stream_interval_min_batch=int(
+                                                  params.get("stream_interval_min_batch") or 2))
 
     def _control(self, request: Any, op: dict[str, Any]) -> None:
         sender = request.get_response_sender()
@@ -165,7 +129,7 @@ class TritonPythonModel:
         else:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"unknown control op {kind!r}; use 'cancel' or 'stats'.")),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                flags=FINAL)
             return
         sender.send(pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("token_ids", np.zeros((0,), dtype=np.int64)),
@@ -173,7 +137,7 @@ class TritonPythonModel:
             pb_utils.Tensor("info", bytes_tensor(json.dumps(result))),
             pb_utils.Tensor("index", np.zeros((1,), dtype=np.int32)),
             pb_utils.Tensor("logprobs", bytes_tensor("")),
-        ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        ]), flags=FINAL)
 
     def _submit(self, request: Any) -> None:
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
@@ -184,7 +148,7 @@ class TritonPythonModel:
             raise ValueError("sampling.max_new_tokens is required.")
         rid_raw = bytes_scalar(_np(pb_utils.get_input_tensor_by_name(request, "request_id")))
         rid = rid_raw.decode() if rid_raw else uuid.uuid4().hex
-        self.backend.submit(GenRequest(rid, [int(t) for t in ids], mm_arr, sampling, TritonSink(request, self.pump)))
+        self.backend.submit(GenRequest(rid, [int(t) for t in ids], mm_arr, sampling, TritonSink(request)))
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -197,16 +161,13 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - one bad request never wedges the model
                 request.get_response_sender().send(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(f"llm: {e}")),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    flags=FINAL)
         return None
 
     def finalize(self) -> None:
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
-        pump = getattr(self, "pump", None)
-        if pump is not None:
-            pump.close()
 
 
 def _np(tensor: Any) -> np.ndarray | None:

@@ -243,6 +243,7 @@ class TritonPythonModel:
                     continue  # a choice already ended by a stop string
                 raw_lps = _out(resp, "logprobs").reshape(-1)[0].decode("utf-8")
                 delta = stream.push(ids, engine_finish)
+                ids = delta.token_ids  # without those after a stop string
                 if delta.finish_reason:
                     open_choices.discard(index)
                     if not engine_finish:  # a stop string ended this choice before the engine did
