@@ -149,7 +149,8 @@ async def _bench_triton_async(triton_url: str, max_new_tokens: int, requests_c1:
     client = TritonClient(triton_url)
     parts: dict[int, list[LoadResult]] = {1: [], 8: []}
     # llm counters per concurrency: decode steps, sequences summed over them, s in step(), s idle
-    steps: dict[int, list[float]] = {1: [0, 0, 0.0, 0.0], 8: [0, 0, 0.0, 0.0]}
+    # and token responses sent (`messages`, the stream interval's effect)
+    steps: dict[int, list[float]] = {1: [0, 0, 0.0, 0.0, 0], 8: [0, 0, 0.0, 0.0, 0]}
     try:
         await client.send(workloads[0])  # warm-up
         for _ in range(rounds):  # c1, c8, c1, c8, …: drift on a shared machine hits both alike
@@ -162,13 +163,14 @@ async def _bench_triton_async(triton_url: str, max_new_tokens: int, requests_c1:
                 steps[conc][1] += after.get("step_sequences", 0) - before.get("step_sequences", 0)
                 steps[conc][2] += after.get("step_s", 0.0) - before.get("step_s", 0.0)
                 steps[conc][3] += after.get("idle_s", 0.0) - before.get("idle_s", 0.0)
+                steps[conc][4] += after.get("messages", 0) - before.get("messages", 0)
     finally:
         await client.close()
     out: dict[str, Any] = {}
     for conc, runs in parts.items():
         merged = LoadResult(conc, [r for run in runs for r in run.records], sum(run.wall_s for run in runs))
         out[f"c{conc}"] = merged.summary()
-        n_steps, seqs, step_s, idle_s = steps[conc]
+        n_steps, seqs, step_s, idle_s, messages = steps[conc]
         # what the llm saw: its mean decode batch, wall time per step (whole loop), time inside step() per
         # step, and the share of the wall time it had nothing to run (waiting for requests to arrive)
         row = out[f"c{conc}"]
@@ -177,6 +179,7 @@ async def _bench_triton_async(triton_url: str, max_new_tokens: int, requests_c1:
         row["llm_ms_per_step"] = merged.wall_s * 1e3 / n_steps if n_steps else None
         row["llm_step_ms"] = step_s * 1e3 / n_steps if n_steps and step_s else None
         row["llm_idle_share"] = idle_s / merged.wall_s if merged.wall_s and step_s else None
+        row["llm_tokens_per_response"] = seqs / messages if messages and seqs else None  # None: not reported
     c1 = out["c1"]["output_token_throughput_tps"]
     out["speedup"] = out["c8"]["output_token_throughput_tps"] / c1 if c1 else None
     out["rounds"] = rounds
@@ -224,7 +227,9 @@ def triton_targets(triton: dict[str, Any], engine_speedup: float | None) -> list
               f"at c=8 vs c=1 = {fmt(speedup, '.2f')}×; llm mean batch {fmt(c8.get('llm_mean_batch'), '.2f')} "
               f"at c=8, {fmt(c8.get('llm_ms_per_step'))} vs {fmt(c1.get('llm_ms_per_step'))} ms per step "
               f"({fmt(c8.get('llm_step_ms'))} vs {fmt(c1.get('llm_step_ms'))} ms inside step(), idle "
-              f"{fmt(c8.get('llm_idle_share'), '.0%')} vs {fmt(c1.get('llm_idle_share'), '.0%')}); {engine}")
+              f"{fmt(c8.get('llm_idle_share'), '.0%')} vs {fmt(c1.get('llm_idle_share'), '.0%')}; tokens per llm "
+              f"response {fmt(c8.get('llm_tokens_per_response'), '.2f')} vs {fmt(c1.get('llm_tokens_per_response'), '.2f')}"
+              f", the stream interval); {engine}")
     return [{"name": f"Triton path batching at c=8 ≥ {TARGET_TRITON_SPEEDUP}×", "value": speedup,
              "goal": f"≥ {TARGET_TRITON_SPEEDUP}× (c=8 / c=1 output tok/s through `nemovl`)",
              "pass": bool(speedup is not None and speedup >= TARGET_TRITON_SPEEDUP), "detail": detail}]

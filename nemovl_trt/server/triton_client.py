@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2
 
 from nemovl_trt.server.errors import APIError
+from nemovl_trt.server.grpc_stream import TritonGrpc, first_bytes_element, infer_request
 from nemovl_trt.server.replicas import HealthPolicy, Replica, ReplicaSet
 
 log = logging.getLogger("nemovl.pool")
@@ -33,6 +33,7 @@ _CODE_RE = re.compile(r"^\s*\[([a-z0-9_]+)\]\s*(.*)$", re.S)
 # Codes that mean the request itself was wrong; everything the preprocessor raises is one of these or
 # another lower_snake code in brackets — all of them map to 400.
 NOT_READY_CODES = {grpc.StatusCode.UNAVAILABLE}
+CONFIG_TIMEOUT_S = 2.0  # reading the model config (once per process): a loaded 2-core host is slow
 
 
 @dataclass
@@ -79,51 +80,70 @@ def map_triton_error(message: str) -> APIError:
     return APIError(500, "The inference server failed on this request.", code="internal_error")
 
 
-def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    inp = grpcclient.InferInput(name, [len(values)], "BYTES")
-    inp.set_data_from_numpy(arr)
-    return inp
-
-
-def build_inputs(req: TritonRequest) -> list[grpcclient.InferInput]:
-    """TritonRequest → InferInputs named and shaped as in docs/interfaces.md."""
-    inputs = [_bytes_input("messages", [json.dumps(req.messages, ensure_ascii=False).encode()])]
+def _tensors(req: TritonRequest) -> list[tuple[str, list[bytes]]]:
+    """TritonRequest → the BYTES inputs (name, elements), named and shaped as in docs/interfaces.md."""
+    tensors = [("messages", [json.dumps(req.messages, ensure_ascii=False).encode()])]
     if req.images:
-        inputs.append(_bytes_input("images", list(req.images)))
+        tensors.append(("images", list(req.images)))
     if req.video is not None:
-        inputs.append(_bytes_input("video", [req.video]))
+        tensors.append(("video", [req.video]))
     if req.tools:
-        inputs.append(_bytes_input("tools", [json.dumps(req.tools, ensure_ascii=False).encode()]))
-    inputs.append(_bytes_input("params", [json.dumps(req.params).encode()]))
+        tensors.append(("tools", [json.dumps(req.tools, ensure_ascii=False).encode()]))
+    tensors.append(("params", [json.dumps(req.params).encode()]))
     if req.prompt is not None:
-        inputs.append(_bytes_input("prompt", [json.dumps(req.prompt, ensure_ascii=False).encode()]))
+        tensors.append(("prompt", [json.dumps(req.prompt, ensure_ascii=False).encode()]))
+    return tensors
+
+
+def build_request(req: TritonRequest, model: str, request_id: str) -> service_pb2.ModelInferRequest:
+    """TritonRequest → the `ModelInferRequest` protobuf the pool streams (raw BYTES contents)."""
+    return infer_request(model, request_id, _tensors(req))
+
+
+def build_inputs(req: TritonRequest) -> list[Any]:
+    """TritonRequest → tritonclient `InferInput`s of the same tensors, for callers that use tritonclient
+    itself (tests and benchmarks talking to Triton directly); the pool uses `build_request`."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, values in _tensors(req):
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        inp = grpcclient.InferInput(name, [len(values)], "BYTES")
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
     return inputs
 
 
 _INT_DTYPES = {"INT32": "<i4", "INT64": "<i8"}
+_INT_FIELDS = {"INT32": "int_contents", "INT64": "int64_contents"}
 
 
-def _outputs(result: Any) -> dict[str, Any]:
-    """name → first element (BYTES: str, INT32: int) or, for token_ids, the list of ints, read in ONE pass over
-    the response protobuf. InferResult.as_numpy scans every output per call and builds an array each time:
-    eight calls per streamed token were ~30 µs of the frontend's CPU on 2 cores (docs/benchmarks.md)."""
-    resp = result.get_response()
+def _outputs(resp: service_pb2.ModelInferResponse) -> dict[str, Any]:
+    """name → first element (BYTES: str, INT32/INT64: int) or, for token_ids, the list of ints, read in ONE
+    pass over the response protobuf (no InferResult / per-output numpy arrays: eight outputs per streamed
+    token are on the frontend's hot path, docs/benchmarks.md)."""
     raw = resp.raw_output_contents
     out: dict[str, Any] = {}
     for i, o in enumerate(resp.outputs):
-        if i >= len(raw):  # not sent as raw contents (never by Triton's gRPC frontend): the generic path
-            arr = result.as_numpy(o.name)
-            out[o.name] = arr.reshape(-1).tolist() if arr is not None else None
+        dtype = o.datatype
+        if i >= len(raw):  # typed `contents` instead of raw ones (never sent so by Triton's gRPC frontend)
+            c = o.contents
+            if dtype == "BYTES":
+                out[o.name] = c.bytes_contents[0].decode("utf-8", "replace") if c.bytes_contents else ""
+            elif dtype in _INT_FIELDS:
+                vals = [int(x) for x in getattr(c, _INT_FIELDS[dtype])]
+                out[o.name] = vals if o.name == "token_ids" else (vals[0] if vals else 0)
             continue
         buf = raw[i]
-        if o.datatype == "BYTES":  # elements: 4-byte little-endian length + bytes; we read the first
-            n = int.from_bytes(buf[:4], "little") if len(buf) >= 4 else 0
-            out[o.name] = bytes(buf[4:4 + n]).decode("utf-8", "replace")
-        elif o.datatype in _INT_DTYPES:
-            vals = np.frombuffer(buf, dtype=_INT_DTYPES[o.datatype])
-            out[o.name] = [int(x) for x in vals] if o.name == "token_ids" else (int(vals[0]) if vals.size else 0)
+        if dtype == "BYTES":
+            out[o.name] = first_bytes_element(buf).decode("utf-8", "replace")
+        elif dtype in _INT_DTYPES:
+            if o.name == "token_ids":
+                out[o.name] = np.frombuffer(buf, dtype=_INT_DTYPES[dtype]).tolist()
+            else:  # a scalar: int.from_bytes is ~10x cheaper than an array for one value
+                width = 4 if dtype == "INT32" else 8
+                out[o.name] = int.from_bytes(buf[:width], "little", signed=True) if len(buf) >= width else 0
     return out
 
 
@@ -151,9 +171,9 @@ def _first_int(v: Any) -> int:
     return int(v) if v is not None else 0
 
 
-def parse_result(result: Any) -> TritonChunk:
-    """One InferResult → TritonChunk."""
-    t = _outputs(result)
+def parse_result(resp: service_pb2.ModelInferResponse) -> TritonChunk:
+    """One streamed `ModelInferResponse` (ModelStreamInferResponse.infer_response) → TritonChunk."""
+    t = _outputs(resp)
     ids = t.get("token_ids")
     return TritonChunk(text=_first_str(t.get("text")),
                        token_ids=list(ids) if isinstance(ids, list) else [],
@@ -183,9 +203,9 @@ def channel_args() -> list[tuple[str, Any]]:
             *RECONNECT_BACKOFF_MS.items()]
 
 
-def connect(url: str) -> grpcclient.InferenceServerClient:
-    """The aio gRPC client of one replica."""
-    return grpcclient.InferenceServerClient(url, channel_args=channel_args())
+def connect(url: str) -> TritonGrpc:
+    """The gRPC client (one aio channel) of one replica."""
+    return TritonGrpc(url, channel_args())
 
 
 class ReplicaFailure(Exception):
@@ -207,6 +227,14 @@ class ReplicaLost(APIError):
     def __init__(self, error: APIError, replica: int) -> None:
         super().__init__(error.status, error.message, code=error.code, param=error.param, headers=error.headers)
         self.replica = replica
+
+
+def _code(e: grpc.RpcError) -> grpc.StatusCode | None:
+    return e.code() if hasattr(e, "code") else None
+
+
+def _details(e: grpc.RpcError) -> str:
+    return (e.details() or "") if hasattr(e, "details") else str(e)
 
 
 def _unreachable() -> APIError:
@@ -237,20 +265,19 @@ class TritonPool:
 
     async def _endpoint_ready(self, rep: Replica) -> bool:
         """True: ready; False: a definite "not ready" (or a refused connection); TimeoutError: no answer."""
+        timeout = self.replicas.policy.probe_timeout_s
         try:
-            if not await rep.client.is_server_ready(client_timeout=self.replicas.policy.probe_timeout_s):
+            if not await rep.client.server_ready(timeout):
                 return False
-            index = await rep.client.get_model_repository_index(
-                as_json=True, client_timeout=self.replicas.policy.probe_timeout_s)
-            models = index.get("models", [])
-            if not any(m.get("name") == self.model for m in models):
+            models = await rep.client.repository_index(timeout)
+            if not any(name == self.model for name, _ in models):
                 return False
-            return all(m.get("state") == "READY" for m in models if m.get("state") is not None)
-        except InferenceServerException as e:
-            if "DEADLINE_EXCEEDED" in str(e.status() or ""):
-                raise TimeoutError(str(e)) from e
+            return all(state == "READY" for _, state in models if state)
+        except grpc.RpcError as e:
+            if _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(_details(e)) from e
             return False
-        except (grpc.RpcError, OSError):
+        except OSError:
             return False
 
     async def ready(self, force: bool = False) -> bool:
@@ -264,12 +291,10 @@ class TritonPool:
         last: Exception | None = None
         for rep in sorted(self.replicas.started(), key=lambda r: not r.up):
             try:
-                cfg = await rep.client.get_model_config(self.model, as_json=True, client_timeout=2.0)
-            except (InferenceServerException, grpc.RpcError, OSError) as e:
+                self._params = await rep.client.model_parameters(self.model, CONFIG_TIMEOUT_S)
+            except (grpc.RpcError, OSError) as e:
                 last = e
                 continue
-            params = cfg.get("config", cfg).get("parameters", {}) or {}
-            self._params = {k: v.get("string_value", "") for k, v in params.items()}
             return self._params
         raise APIError(503, "The inference server is not ready.", code="model_not_ready") from last
 
@@ -297,7 +322,7 @@ class TritonPool:
         never is (the caller would see tokens twice), and the failure is raised as `ReplicaLost` (an APIError
         503 `model_not_ready`). Raises APIError on a Triton error. Closing the iterator before the end cancels
         the gRPC call (and with it the engine request)."""
-        inputs = build_inputs(req)
+        request = build_request(req, self.model, request_id)
         rs = self.replicas
         rep = rs.pick(exclude=set(exclude), up_only=True) if exclude else rs.pick()
         if rep is None:  # every replica but the excluded one(s) went down meanwhile
@@ -308,7 +333,7 @@ class TritonPool:
             tried.add(rep.index)
             yielded = False
             try:
-                async with contextlib.aclosing(self._attempt(rep, req, inputs, request_id)) as chunks:
+                async with contextlib.aclosing(self._attempt(rep, req, request)) as chunks:
                     async for chunk in chunks:
                         yielded = True
                         yield chunk
@@ -326,15 +351,13 @@ class TritonPool:
                             request_id, rep.url, f.why, nxt.url)
                 rep = nxt
 
-    async def _attempt(self, rep: Replica, req: TritonRequest, inputs: list[grpcclient.InferInput],
-                       request_id: str) -> AsyncIterator[TritonChunk]:
-        """One try of `generate` on `rep`; a failure of the replica raises ReplicaFailure (and marks it down)."""
-        open_choices = set(range(req.n))
-        done = asyncio.Event()
+    async def _attempt(self, rep: Replica, req: TritonRequest,
+                       request: service_pb2.ModelInferRequest) -> AsyncIterator[TritonChunk]:
+        """One try of `generate` on `rep`; a failure of the replica raises ReplicaFailure (and marks it down).
 
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
-            await done.wait()  # keep the stream open until the final response
+        The request stays half-open (no `done_writing`) until the last response came, as with tritonclient's
+        stream: the call ends by our cancel or by reading to the end."""
+        open_choices = set(range(req.n))
 
         def failed(error: APIError, why: str) -> ReplicaFailure:
             rep.failures += 1
@@ -347,18 +370,20 @@ class TritonPool:
         finished = False
         try:
             try:
-                call = rep.client.stream_infer(requests(), stream_timeout=self.timeout_s)
-            except InferenceServerException as e:
-                raise failed(_unreachable(), f"stream could not start: {e}") from e
-            try:
-                async for result, error in call:
-                    if error is not None:
+                call = rep.client.stream(self.timeout_s)
+                with contextlib.suppress(asyncio.InvalidStateError):  # ended already: read() raises its status
+                    await call.write(request)
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        break
+                    if msg.error_message:
                         finished = True
-                        api = map_triton_error(error.message())
+                        api = map_triton_error(msg.error_message)
                         if api.code == "model_not_ready":
-                            raise failed(api, f"model not ready: {error.message()[:200]}")
+                            raise failed(api, f"model not ready: {msg.error_message[:200]}")
                         raise api
-                    chunk = parse_result(result)
+                    chunk = parse_result(msg.infer_response)
                     if chunk.finish_reason:
                         open_choices.discard(chunk.index)
                         if not open_choices or chunk.finish_reason == "cancelled":
@@ -369,20 +394,22 @@ class TritonPool:
                     if finished:
                         return
             except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else None
+                code = _code(e)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise APIError(504, f"The generation took longer than this server's limit of "
                                         f"{self.timeout_s:g} s.", code="timeout") from e
                 if code in NOT_READY_CODES:
-                    details = e.details() if hasattr(e, "details") else str(e)
-                    raise failed(_unreachable(), f"gRPC {code.name}: {details}") from e
+                    raise failed(_unreachable(), f"gRPC {code.name}: {_details(e)}") from e
                 if code == grpc.StatusCode.CANCELLED:
                     raise
-                raise map_triton_error(e.details() if hasattr(e, "details") else str(e)) from e
+                raise map_triton_error(_details(e)) from e
             raise APIError(500, "The inference server closed the stream without a final response.",
                            code="internal_error")
         finally:
-            done.set()
             rep.in_flight -= 1
-            if call is not None and not finished:
-                call.cancel()
+            if call is not None:
+                if finished:  # half-close, so that Triton ends the stream (its final status is not awaited)
+                    with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                        await call.done_writing()
+                else:
+                    call.cancel()
