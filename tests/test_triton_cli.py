@@ -88,3 +88,29 @@ def test_serve_triton_stops_cleanly_on_sigterm(triton_repo_dir: Path, cpu_engine
 def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TritonLaunchError, match="does not exist"):
         TritonServer(tmp_path / "nope")
+
+
+def test_nvdec_video_decoder_without_a_gpu_fails_the_preprocessor_load_in_one_line(cpu_engines_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """`nemovl-build repo --video-decoder nvdec` on a machine without a GPU: the preprocessor refuses to load
+    with the decoder's one-line reason (not a failure on the first video request)."""
+    from click.testing import CliRunner
+
+    from nemovl_trt.cli import build_cli
+
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(build_cli, ["repo", "--engines", str(cpu_engines_dir), "--out", str(repo),
+                                            "--video-decoder", "nvdec"])
+    assert result.exit_code == 0, result.output
+    cfg = (repo / "preprocessor" / "config.pbtxt").read_text()
+    assert 'key: "video_decoder"\n  value {\n    string_value: "nvdec"' in cfg
+    bad = CliRunner().invoke(build_cli, ["repo", "--engines", str(cpu_engines_dir), "--out", str(tmp_path / "r2"),
+                                         "--video-decoder", "vaapi"])
+    assert bad.exit_code == 2 and "'vaapi' is not one of 'cpu', 'nvdec'" in bad.output
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log", ready_timeout_s=180)
+    try:
+        with pytest.raises(TritonLaunchError) as err:
+            server.start()
+    finally:
+        server.stop()
+    assert "video decoder 'nvdec' needs an NVIDIA GPU and torchcodec" in str(err.value)

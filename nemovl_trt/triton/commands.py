@@ -25,15 +25,20 @@ import click
                    "serving.vision_instances from the manifest, else 1).")
 @click.option("--video-pruning-rate", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Server default EVS rate for video requests (0 = off).")
+@click.option("--video-decoder", default="cpu", show_default=True, type=click.Choice(["cpu", "nvdec"]),
+              help="Video decoder of the preprocessor: cpu (FFmpeg via PyAV, bit-exact with the reference) or "
+                   "nvdec (torchcodec on the GPU; needs torchcodec and a CUDA build of torch, not bit-identical; "
+                   "the preprocessor refuses to load without them).")
 def repo(engines: Path, out: Path, engines_ref: str | None, preprocessor_instances: int | None,
-         vision_instances: int | None, video_pruning_rate: float) -> None:
+         vision_instances: int | None, video_pruning_rate: float, video_decoder: str) -> None:
     """Generate the Triton model repository for an engines dir."""
     from nemovl_trt.triton.generator import RepoError, RepoOptions, generate_repository, instance_counts
     from nemovl_trt.triton.models.common import MANIFEST_FILE, read_manifest
     from nemovl_trt.triton.pbtxt import ConfigError
 
     opts = RepoOptions(engines_ref=engines_ref, preprocessor_instances=preprocessor_instances,
-                       vision_instances=vision_instances, video_pruning_rate=video_pruning_rate)
+                       vision_instances=vision_instances, video_pruning_rate=video_pruning_rate,
+                       video_decoder=video_decoder)
     try:
         files = generate_repository(engines, out, opts)
         manifest = read_manifest(engines.resolve())

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemovl_trt.preprocess.video import CPU_DECODER
 from nemovl_trt.triton import interface as itf
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import MANIFEST_FILE, read_manifest
@@ -60,6 +61,7 @@ class RepoOptions:
     preprocessor_instances: int | None = None
     vision_instances: int | None = None
     video_pruning_rate: float = 0.0
+    video_decoder: str = CPU_DECODER  # the preprocessor's, one of preprocess/video.py VIDEO_DECODERS
     max_concurrency: int = 64
 
 
@@ -124,7 +126,7 @@ def build_configs(manifest: dict[str, Any], engines_ref: str, opts: RepoOptions)
         outputs=itf.PREPROCESSOR_OUTPUTS, instance_count=pre_instances,
         parameters={**base, "max_seq_len": public["max_seq_len"], "max_num_tiles": public["max_num_tiles"],
                     "max_images": public["max_images"], "max_video_frames": public["max_video_frames"],
-                    "video_pruning_rate": public["video_pruning_rate"]})
+                    "video_pruning_rate": public["video_pruning_rate"], "video_decoder": opts.video_decoder})
     in_name, out_name = mf.vision_io_names(manifest)
     vis = manifest["vision"]
     v_in, v_out = itf.vision_tensors(tile, tokens, hidden, in_name, out_name,

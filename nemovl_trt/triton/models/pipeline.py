@@ -28,6 +28,7 @@ from nemovl_trt.preprocess.errors import (
     TOO_MANY_IMAGES,
     PreprocessError,
 )
+from nemovl_trt.preprocess.video import CPU_DECODER
 from nemovl_trt.triton.models import manifest as mf
 
 MAX_STOP_STRINGS = 4  # OpenAI: `stop` is a string or a list of at most 4 strings
@@ -46,6 +47,7 @@ class EntryContext:
     max_images: int
     max_video_frames: int
     video_pruning_rate: float
+    video_decoder: str = CPU_DECODER  # one of preprocess/video.py VIDEO_DECODERS (model parameter)
     _decode_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -66,7 +68,8 @@ class EntryContext:
                    max_seq_len=min(int(pick("max_seq_len")), cfg.max_sequence_length),
                    max_num_tiles=int(pick("max_num_tiles")), max_images=int(pick("max_images")),
                    max_video_frames=int(pick("max_video_frames")),
-                   video_pruning_rate=float(params.get("video_pruning_rate") or 0.0))
+                   video_pruning_rate=float(params.get("video_pruning_rate") or 0.0),
+                   video_decoder=str(params.get("video_decoder") or CPU_DECODER))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -359,7 +362,7 @@ def preprocess_request(ctx: EntryContext, messages_raw: bytes | None, images: li
         image_inputs = [pp.ImageInput(num_tiles=int(n)) for n in tiles]
     if video is not None:
         vt = preprocess_video(video, cfg.norm_mean, cfg.norm_std, tile=tile, fps=params.fps,
-                              num_frames=params.num_frames)
+                              num_frames=params.num_frames, decoder=ctx.video_decoder)
         if vt.num_frames > ctx.max_video_frames:
             raise PreprocessError(INVALID_VIDEO_SAMPLING, f"The video sampling gives {vt.num_frames} frames; "
                                   f"at most {ctx.max_video_frames} are allowed.", param="media_io_kwargs")

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from nemovl_trt.preprocess.errors import PreprocessError
 from nemovl_trt.preprocess.image import warmup as image_warmup
+from nemovl_trt.preprocess.video import check_video_decoder
 from nemovl_trt.triton.models.common import (
     bytes_scalar,
     bytes_tensor,
@@ -34,6 +35,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         engines = resolve_engines_dir(args)
         self.ctx = EntryContext.load(engines, read_manifest(engines), model_parameters(args))
+        # a decoder this machine cannot run fails the model load with one line, not the first video request
+        check_video_decoder(self.ctx.video_decoder)
         # compile (or load from numba's cache) the exact resize kernels now, not on the first image request;
         # False means the (slower, same output) Pillow path serves
         self.fast_image_kernels = image_warmup()
