@@ -252,12 +252,12 @@ def run_image(reps: int) -> dict[str, Any]:
     }
 
 
-def decode_all_then_pick(data: bytes, indices: list[int], threads: int = 0) -> np.ndarray:
-    """Baseline: decode and convert every frame, keep the sampled ones."""
+def decode_all(data: bytes, indices: list[int], threads: int, take: Callable[[int, np.ndarray], None]) -> None:
+    """The decode-all baseline's work: decode and convert every frame to RGB uint8 [H, W, 3] (FFmpeg's
+    threading, `threads` 0 = auto); `take(k, rgb)` for each frame whose index k is in `indices`."""
     import av
 
     want = set(indices)
-    kept: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as c:
         s = c.streams.video[0]
         s.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
@@ -265,7 +265,13 @@ def decode_all_then_pick(data: bytes, indices: list[int], threads: int = 0) -> n
         for k, frame in enumerate(c.decode(s)):
             rgb = frame.to_ndarray(format="rgb24")
             if k in want:
-                kept[k] = rgb
+                take(k, rgb)
+
+
+def decode_all_then_pick(data: bytes, indices: list[int], threads: int = 0) -> np.ndarray:
+    """Baseline: decode and convert every frame, keep the sampled ones: uint8 [T, H, W, 3]."""
+    kept: dict[int, np.ndarray] = {}
+    decode_all(data, indices, threads, kept.__setitem__)
     return np.stack([kept[i] for i in indices])
 
 

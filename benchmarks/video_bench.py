@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import resource
 import statistics
@@ -177,25 +176,21 @@ def _digests(frames: np.ndarray) -> list[str]:
 
 
 def decode_all_digests(data: bytes, indices: list[int], threads: int = DECODER_THREADS) -> tuple[float, dict[int, str]]:
-    """Decode-all-then-pick (the work of `preprocess_bench.decode_all_then_pick`): every frame
-    decoded and converted to RGB. Returns (seconds without the hashing, {index: sha256})."""
-    import av
+    """Decode-all-then-pick (`preprocess_bench.decode_all`): every frame decoded and converted to RGB.
+    Returns (seconds without the hashing, {index: sha256})."""
+    from benchmarks.preprocess_bench import decode_all
 
-    want = set(indices)
     kept: dict[int, str] = {}
-    hashing = 0.0
+    hashing = [0.0]
+
+    def take(k: int, rgb: np.ndarray) -> None:
+        h0 = time.perf_counter()
+        kept[k] = hashlib.sha256(rgb.tobytes()).hexdigest()
+        hashing[0] += time.perf_counter() - h0
+
     t0 = time.perf_counter()
-    with av.open(io.BytesIO(data)) as c:
-        s = c.streams.video[0]
-        s.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
-        s.codec_context.thread_count = threads
-        for k, frame in enumerate(c.decode(s)):
-            rgb = frame.to_ndarray(format="rgb24")
-            if k in want:
-                h0 = time.perf_counter()
-                kept[k] = hashlib.sha256(rgb.tobytes()).hexdigest()
-                hashing += time.perf_counter() - h0
-    return time.perf_counter() - t0 - hashing, kept
+    decode_all(data, indices, threads, take)
+    return time.perf_counter() - t0 - hashing[0], kept
 
 
 def _cpu_s() -> float:
