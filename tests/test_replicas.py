@@ -121,6 +121,21 @@ def test_a_request_failure_rechecks_on_the_short_down_backoff() -> None:
     asyncio.run(go())
 
 
+def test_close_right_after_a_mark_down_returns() -> None:
+    """A cancel that lands just as a mark-down wakes the watcher must still stop it (asyncio.wait_for on
+    Python 3.11 dropped it and close() hung)."""
+    async def go() -> bool:
+        rs, _ = replica_set(2, HealthPolicy(interval_s=60, backoff_initial_s=0.02, backoff_max_s=0.1))
+        a, _b = rs.started()
+        await asyncio.sleep(0.05)  # both watchers are waiting on their wake event
+        rs.mark_down(a, "gRPC UNAVAILABLE: connection refused")
+        closing = asyncio.ensure_future(rs.close())
+        done, _ = await asyncio.wait({closing}, timeout=WAIT_S)
+        return closing in done
+
+    assert asyncio.run(go()), "ReplicaSet.close() did not return"
+
+
 def test_one_slow_check_does_not_take_a_healthy_replica_down() -> None:
     async def go() -> None:
         rs, health = replica_set(1, HealthPolicy(interval_s=60, down_after=2))

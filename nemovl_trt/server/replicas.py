@@ -230,12 +230,16 @@ class ReplicaSet:
         while True:
             delay = p.interval_s if r.up else backoff
             r._wake.clear()
+            # asyncio.wait, not wait_for: on Python 3.10/3.11 wait_for drops a cancel that lands just as the
+            # event is set (mark_down), and close() then waits for this task forever
+            waiter = asyncio.ensure_future(r._wake.wait())
             try:
-                await asyncio.wait_for(r._wake.wait(), delay)
+                done, _ = await asyncio.wait({waiter}, timeout=delay)
+            finally:
+                waiter.cancel()
+            if waiter in done:
                 backoff = p.backoff_initial_s  # marked down by a request: start the DOWN schedule now
                 continue
-            except TimeoutError:
-                pass
             ok = await self.check(r)
             backoff = p.backoff_initial_s if ok else min(backoff * 2, p.backoff_max_s)
 
