@@ -196,3 +196,21 @@ def test_py_spy_raw_profile_summary(tmp_path):
     s = serving_bench.profile_summary(raw, top=5)
     assert s["samples"] == 100
     assert s["self_time_share"] == [{"frame": "g (c.py)", "share": 0.6}, {"frame": "f (b.py)", "share": 0.4}]
+
+
+def test_process_cpu_s_resolves_milliseconds_and_agrees_with_the_process_clock() -> None:
+    """The frontend-CPU figure of the serving bench: per-thread schedstat nanoseconds, not 10 ms ticks."""
+    import os
+    import time
+
+    from benchmarks.serving_bench import process_cpu_s
+
+    pid = os.getpid()
+    a, pa = process_cpu_s(pid), time.process_time()
+    x = 0
+    while time.process_time() - pa < 0.03:  # burn ~30 ms of CPU
+        x += 1
+    b, pb = process_cpu_s(pid), time.process_time()
+    assert a is not None and b is not None and x > 0
+    assert abs((b - a) - (pb - pa)) < 0.005  # same CPU, measured two ways, within 5 ms
+    assert (b - a) * 1000 % 10 != 0  # not a whole number of 10 ms ticks
