@@ -44,7 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.clients import RawSSEClient, Workload
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, WORK_DIR, machine_info, utc_now, write_json
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    WORK_DIR,
+    machine_info,
+    print_targets,
+    utc_now,
+    write_json,
+)
 from benchmarks.loadgen import closed_loop
 from benchmarks.serving_bench import DEFAULT_MODEL, build_workloads
 
@@ -332,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = {"benchmark": "aiperf", "time": utc_now(), "machine": machine_info(), **run(quick=args.quick)}
     write_json(args.out, result)
-    for t in result["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}")
+    print_targets(result["targets"])
     return 0
 
 

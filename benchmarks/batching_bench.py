@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, machine_info, summarize, utc_now, write_json
+from benchmarks.common import RESULTS_DIR, machine_info, print_targets, summarize, utc_now, write_json
 
 TARGET_SPEEDUP = 4.0  # issue 8: throughput at concurrency 8 ≥ 4 × concurrency 1
 TARGET_TRITON_SPEEDUP = 3.5  # issue 17: the same ratio through Triton's `nemovl` entry model
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = result["triton"]["targets"]
     write_json(args.out, result)
     print(json.dumps({k: result["engine"][k] for k in ("speedup", "pass")}))
-    for t in result.get("targets", []):
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}")
+    print_targets(result.get("targets", []))
     return 0
 
 

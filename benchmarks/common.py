@@ -115,6 +115,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def print_targets(targets: Sequence[dict[str, Any]], flush: bool = False) -> None:
+    """Print one `PASS|FAIL  name: detail` line per target (the `main()` of a benchmark module)."""
+    for t in targets:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}", flush=flush)
+
+
 def utc_now() -> str:
     """The current UTC time as an ISO 8601 string with seconds."""
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()

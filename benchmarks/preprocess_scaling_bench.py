@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, utc_now, write_json
+from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, print_targets, utc_now, write_json
 
 CONCURRENCIES = (1, 2, 4, 8)
 INSTANCES = (1, 2)
@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(quick=args.quick, engines=args.engines, work=args.work)
     write_json(args.out, result)
     print(result["table_md"])
-    for t in result["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}")
+    print_targets(result["targets"])
     return 0
 
 

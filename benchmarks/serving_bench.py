@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from benchmarks.clients import OpenAIClient, RawSSEClient, TritonClient, Workload
-from benchmarks.common import RESULTS_DIR, machine_info, make_jpeg, make_mp4, summarize, utc_now, write_json
+from benchmarks.common import (
+    RESULTS_DIR,
+    machine_info,
+    make_jpeg,
+    make_mp4,
+    print_targets,
+    summarize,
+    utc_now,
+    write_json,
+)
 from benchmarks.loadgen import LoadResult, closed_loop
 
 CONCURRENCIES = (1, 4, 16)
@@ -415,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run(quick=args.quick, py_spy=args.py_spy)
     result = {"benchmark": "serving", "time": utc_now(), "machine": machine_info(), **out}
     write_json(args.out, result)
-    for t in result["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}")
+    print_targets(result["targets"])
     return 0
 
 

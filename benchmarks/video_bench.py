@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, utc_now, write_json
+from benchmarks.common import RESULTS_DIR, WORK_DIR, machine_info, print_targets, utc_now, write_json
 
 CACHE_DIR = WORK_DIR / "video"
 FRAME_COUNTS = (8, 32, 128)
@@ -360,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "video.json")
     args = ap.parse_args(argv)
     res = run(quick=args.quick)
-    for t in res["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {t['detail']}", flush=True)
+    print_targets(res["targets"], flush=True)
     write_json(args.out, res)
     return 0
 
