@@ -72,28 +72,41 @@ def bench_jpeg(cache_dir: Path = CACHE_DIR) -> bytes:
     return path.read_bytes()
 
 
+PAN_PX_PER_FRAME = 2  # the benchmark clips are a slow pan over one wide photo-like picture
+
+
+def encode_pan_clip(path: Path, width: int, height: int, fps: int, num_frames: int, options: dict[str, str],
+                    budget_s: float | None = None, on_timeout: Callable[[int], Exception] | None = None) -> None:
+    """Write an H.264 MP4 to `path` (atomically): `num_frames` frames of width×height panning
+    PAN_PX_PER_FRAME px per frame over `_photo_like` (seed 1); libx264 with `options` (preset,
+    x264-params). Past `budget_s` seconds of encoding, raises `on_timeout(frame index)`."""
+    import av
+
+    base = _photo_like(width + PAN_PX_PER_FRAME * num_frames, height, seed=1)
+    t0 = time.monotonic()
+    tmp = path.with_suffix(".tmp.mp4")
+    with av.open(str(tmp), "w", format="mp4") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.options = dict(options)
+        for i in range(num_frames):
+            if budget_s is not None and time.monotonic() - t0 > budget_s:
+                raise (on_timeout(i) if on_timeout else TimeoutError(f"encoding passed {budget_s:.0f} s"))
+            x0 = PAN_PX_PER_FRAME * i
+            fr = np.ascontiguousarray(base[:, x0:x0 + width])
+            for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    os.replace(tmp, path)
+
+
 def bench_clip(cache_dir: Path = CACHE_DIR) -> bytes:
     c = CLIP
     path = cache_dir / f"clip_{c['seconds']}s_{c['width']}x{c['height']}_{c['fps']}fps_{c['preset']}.mp4"
     if not path.is_file():
-        import av
-
         cache_dir.mkdir(parents=True, exist_ok=True)
-        w, h = c["width"], c["height"]
-        base = _photo_like(w + 8 * c["seconds"] * c["fps"] // 4, h, seed=1)
-        tmp = path.with_suffix(".tmp.mp4")
-        with av.open(str(tmp), "w", format="mp4") as out:
-            s = out.add_stream("libx264", rate=c["fps"])
-            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-            s.options = {"preset": c["preset"]}
-            for i in range(c["seconds"] * c["fps"]):
-                x0 = 2 * i  # a slow pan over the wide picture
-                fr = np.ascontiguousarray(base[:, x0:x0 + w])
-                for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
-                    out.mux(p)
-            for p in s.encode():
-                out.mux(p)
-        os.replace(tmp, path)
+        encode_pan_clip(path, c["width"], c["height"], c["fps"], c["seconds"] * c["fps"], {"preset": c["preset"]})
     return path.read_bytes()
 
 

@@ -53,7 +53,6 @@ FRAME_COUNTS = (8, 32, 128)
 TARGET_SPEEDUP = 8.0  # decode-all / ours at 128 frames, at least (issue 17)
 DECODER_THREADS = 0  # both paths: FFmpeg's / our "one per CPU"
 GEN_BUDGET_S = 1200.0  # give up encoding a clip after this long (2 shared cores)
-PAN_PX_PER_FRAME = 2  # the picture of preprocess_bench.bench_clip
 
 
 @dataclass(frozen=True)
@@ -100,29 +99,13 @@ class GenerationTimeout(RuntimeError):
 
 # ------------------------------------------------------------------------------------------- media
 def _encode_segment(spec: ClipSpec, path: Path, budget_s: float) -> None:
-    import av
+    from benchmarks.preprocess_bench import encode_pan_clip
 
-    from benchmarks.preprocess_bench import _photo_like
-
-    w, h, n = spec.width, spec.height, spec.segment_s * spec.fps
-    base = _photo_like(w + PAN_PX_PER_FRAME * n, h, seed=1)
+    n = spec.segment_s * spec.fps
     params = f"keyint={spec.keyint}:min-keyint={spec.keyint}:scenecut=0:bframes={spec.bframes}"
-    t0 = time.monotonic()
-    tmp = path.with_suffix(".tmp.mp4")
-    with av.open(str(tmp), "w", format="mp4") as out:
-        s = out.add_stream("libx264", rate=spec.fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"preset": spec.preset, "x264-params": params}
-        for i in range(n):
-            if time.monotonic() - t0 > budget_s:
-                raise GenerationTimeout(f"encoding {spec.name} passed {budget_s:.0f} s at frame {i}/{n}")
-            x0 = PAN_PX_PER_FRAME * i
-            fr = np.ascontiguousarray(base[:, x0:x0 + w])
-            for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    os.replace(tmp, path)
+    encode_pan_clip(path, spec.width, spec.height, spec.fps, n, {"preset": spec.preset, "x264-params": params},
+                    budget_s=budget_s, on_timeout=lambda i: GenerationTimeout(
+                        f"encoding {spec.name} passed {budget_s:.0f} s at frame {i}/{n}"))
 
 
 def _remux_repeated(segment: Path, path: Path, repeats: int, frames_per_segment: int) -> None:
