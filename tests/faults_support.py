@@ -153,6 +153,17 @@ class ServeProcess:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout_s)
 
+    @contextmanager
+    def running(self) -> Iterator[ServeProcess]:
+        """Started for the block, then killed; a block that ended normally also checks that no tritonserver
+        or stub of the repository outlived it (a module fixture's teardown)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.kill()
+        assert processes_of(self.repo) == []
+
     def kill(self) -> None:
         """Test teardown: SIGTERM, then SIGKILL; the children go with it (PDEATHSIG + watchdog)."""
         if self.proc is None:

@@ -28,7 +28,6 @@ from tests.faults_support import (
     Stream,
     chat_body,
     own_repository,
-    processes_of,
     wait_until,
 )
 
@@ -43,14 +42,10 @@ LONG = {"max_tokens": 8000, "ignore_eos": True}
 def serve(cpu_engines_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     base = tmp_path_factory.mktemp("faults")
     repo = own_repository(cpu_engines_dir, base / "repo")
-    sp = ServeProcess(repo, base / "cwd",
+    with ServeProcess(repo, base / "cwd",
                       ["--max-concurrent", "8", "--max-queue", "16", "--request-timeout", str(REQUEST_TIMEOUT_S),
-                       "--log-level", "warning"]).start()
-    try:
+                       "--log-level", "warning"]).running() as sp:
         yield sp
-    finally:
-        sp.kill()
-    assert processes_of(repo) == []
 
 
 def _restarts(metrics: dict[str, float]) -> dict[str, float]:

@@ -182,13 +182,9 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProces
 
     work = tmp_path_factory.mktemp("replicas")
     _engines, repo = demo.build(TRAINED, work / "build", log=lambda _: None)
-    sp = ServeProcess(repo, work / "cwd", ["--replicas", "2", "--max-concurrent", "16",
-                                           "--log-level", "warning"]).start()
-    try:
+    with ServeProcess(repo, work / "cwd", ["--replicas", "2", "--max-concurrent", "16",
+                                           "--log-level", "warning"]).running() as sp:
         yield sp
-    finally:
-        sp.kill()
-    assert processes_of(repo) == []
 
 
 @pytest.fixture(scope="module")
