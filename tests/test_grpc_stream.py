@@ -26,11 +26,11 @@ from nemovl_trt.server.replicas import HealthPolicy
 from nemovl_trt.server.triton_client import (
     TritonPool,
     TritonRequest,
-    build_inputs,
     build_request,
     channel_args,
 )
 from tests.fixtures_triton import llm_control, stream_nemovl
+from tests.triton_inputs import build_inputs
 
 MSGS = [{"role": "user", "content": "Tell a long story about a cat."}]
 NO_HEALTH_CHECKS = HealthPolicy(interval_s=60)

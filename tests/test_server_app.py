@@ -14,7 +14,7 @@ from nemovl_trt.server.app import Admission, create_app
 from nemovl_trt.server.errors import APIError
 from nemovl_trt.server.metrics import Metrics
 from nemovl_trt.server.settings import DEFAULT_MODEL_NAME, Settings
-from nemovl_trt.server.triton_client import TritonRequest, build_inputs, map_triton_error
+from nemovl_trt.server.triton_client import TritonRequest, build_request, map_triton_error
 from tests.fixtures_server import free_port
 
 CHAT = "/v1/chat/completions"
@@ -176,12 +176,12 @@ def test_triton_error_mapping(message: str, status: int, code: str) -> None:
 def test_triton_inputs_follow_the_interface() -> None:
     req = TritonRequest(messages=[{"role": "user", "content": [{"type": "image", "index": 0}]}],
                         images=[b"\x89PNG1", b"\xff\xd8JPEG2"], tools=[{"type": "function"}], params={"seed": 1})
-    inputs = {i.name(): i for i in build_inputs(req)}
+    inputs = {i.name: i for i in build_request(req, "nemovl", "r1").inputs}
     assert set(inputs) == {"messages", "images", "tools", "params"}
-    assert inputs["images"].shape() == [2] and inputs["images"].datatype() == "BYTES"
-    assert inputs["messages"].shape() == [1] and inputs["params"].shape() == [1]
-    video = {i.name(): i for i in build_inputs(TritonRequest(messages=[], video=b"\0\0\0 ftyp"))}
-    assert set(video) == {"messages", "video", "params"} and video["video"].shape() == [1]
+    assert list(inputs["images"].shape) == [2] and inputs["images"].datatype == "BYTES"
+    assert list(inputs["messages"].shape) == [1] and list(inputs["params"].shape) == [1]
+    video = {i.name: i for i in build_request(TritonRequest(messages=[], video=b"\0\0\0 ftyp"), "nemovl", "r2").inputs}
+    assert set(video) == {"messages", "video", "params"} and list(video["video"].shape) == [1]
 
 
 def test_pool_balances_by_in_flight() -> None:

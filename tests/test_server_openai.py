@@ -567,7 +567,8 @@ def test_frontend_overhead(api_server: ApiServer) -> None:
 
     import tritonclient.grpc.aio as aio
 
-    from nemovl_trt.server.triton_client import TritonRequest, build_inputs
+    from nemovl_trt.server.triton_client import TritonRequest
+    from tests.triton_inputs import build_inputs
 
     msgs = [{"role": "user", "content": "Hello"}]
     n = 15

@@ -80,7 +80,7 @@ def map_triton_error(message: str) -> APIError:
     return APIError(500, "The inference server failed on this request.", code="internal_error")
 
 
-def _tensors(req: TritonRequest) -> list[tuple[str, list[bytes]]]:
+def request_tensors(req: TritonRequest) -> list[tuple[str, list[bytes]]]:
     """TritonRequest → the BYTES inputs (name, elements), named and shaped as in docs/interfaces.md."""
     tensors = [("messages", [json.dumps(req.messages, ensure_ascii=False).encode()])]
     if req.images:
@@ -97,22 +97,7 @@ def _tensors(req: TritonRequest) -> list[tuple[str, list[bytes]]]:
 
 def build_request(req: TritonRequest, model: str, request_id: str) -> service_pb2.ModelInferRequest:
     """TritonRequest → the `ModelInferRequest` protobuf the pool streams (raw BYTES contents)."""
-    return infer_request(model, request_id, _tensors(req))
-
-
-def build_inputs(req: TritonRequest) -> list[Any]:
-    """TritonRequest → tritonclient `InferInput`s of the same tensors, for callers that use tritonclient
-    itself (tests and benchmarks talking to Triton directly); the pool uses `build_request`."""
-    import tritonclient.grpc as grpcclient
-
-    inputs = []
-    for name, values in _tensors(req):
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-        inp = grpcclient.InferInput(name, [len(values)], "BYTES")
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
+    return infer_request(model, request_id, request_tensors(req))
 
 
 _INT_DTYPES = {"INT32": "<i4", "INT64": "<i8"}
