@@ -13,6 +13,10 @@ from typing import Any, Protocol
 import numpy as np
 
 ERROR_PREFIX = "error:"  # finish_reason of a request that failed after it was queued: "error:<message>"
+# Where neither the build config nor the model config says: every token its own streamed response, and the
+# running batch from which a larger stream interval would apply (docs/triton.md "Stream interval").
+STREAM_INTERVAL = 1
+STREAM_INTERVAL_MIN_BATCH = 2
 
 
 class Sink(Protocol):

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nemovl_trt.runtime.engine_api import LlmEngine
+from nemovl_trt.runtime.engine_api import STREAM_INTERVAL, STREAM_INTERVAL_MIN_BATCH, LlmEngine
 
 ENGINE_KINDS = ("reference", "tensorrt_llm_pytorch")  # manifest llm.engine values
 
 
 def load_engine(kind: str, llm_dir: Path, max_batch_size: int, llm_api_options: dict[str, Any] | None = None,
-                dtype: str | None = None, stream_interval: int = 1, stream_interval_min_batch: int = 2) -> LlmEngine:
+                dtype: str | None = None, stream_interval: int = STREAM_INTERVAL,
+                stream_interval_min_batch: int = STREAM_INTERVAL_MIN_BATCH) -> LlmEngine:
     """Start the engine named by the build manifest's `llm.engine`.
 
     kind "reference": the PyTorch reference on the checkpoint in `llm_dir` (`dtype` overrides its dtype; a

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from nemovl_trt.runtime.engine_api import ERROR_PREFIX, GenRequest
+from nemovl_trt.runtime.engine_api import ERROR_PREFIX, STREAM_INTERVAL, STREAM_INTERVAL_MIN_BATCH, GenRequest
 
 CANCELLED_IDS_KEPT = 100  # recent cancelled request ids reported by the stats control op
 
@@ -62,7 +62,8 @@ class ContinuousBatcher:
 
     def __init__(self, engine: Any, make_sampling: Callable[[dict[str, Any]], Any], max_batch_size: int,
                  to_tensor: Callable[[np.ndarray | None], Any], cancel_poll_s: float = 0.02,
-                 stream_interval: int = 1, stream_interval_min_batch: int = 2) -> None:
+                 stream_interval: int = STREAM_INTERVAL,
+                 stream_interval_min_batch: int = STREAM_INTERVAL_MIN_BATCH) -> None:
         if stream_interval < 1 or stream_interval_min_batch < 1:
             raise ValueError(f"stream_interval ({stream_interval}) and stream_interval_min_batch "
                              f"({stream_interval_min_batch}) must be at least 1.")
@@ -329,7 +330,8 @@ def _choices(req: GenRequest) -> int:
 
 
 def build_reference_batcher(checkpoint_dir: Path, max_batch_size: int, dtype: str | None = None,
-                            stream_interval: int = 1, stream_interval_min_batch: int = 2) -> ContinuousBatcher:
+                            stream_interval: int = STREAM_INTERVAL,
+                            stream_interval_min_batch: int = STREAM_INTERVAL_MIN_BATCH) -> ContinuousBatcher:
     """Load the cpu-target LLM (the checkpoint the build put in the engines dir's `llm/`) into a
     ReferenceEngine behind a ContinuousBatcher; `dtype` overrides the checkpoint's ("float32", ...);
     `stream_interval*`: see ContinuousBatcher.

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nemovl_trt.preprocess.video import CPU_DECODER
+from nemovl_trt.runtime.engine_api import STREAM_INTERVAL, STREAM_INTERVAL_MIN_BATCH
 from nemovl_trt.triton import interface as itf
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import MANIFEST_FILE, read_manifest
@@ -84,10 +85,10 @@ def instance_counts(manifest: dict[str, Any], opts: RepoOptions) -> tuple[int, i
 
 def stream_settings(manifest: dict[str, Any]) -> dict[str, int]:
     """The llm model's `stream_interval` / `stream_interval_min_batch` from the manifest's `serving` section
-    (an engines dir built before they existed: 1 / 2, every token its own response)."""
+    (an engines dir built before they existed: runtime.engine_api's defaults, every token its own response)."""
     serving = manifest.get("serving") or {}
-    out = {"stream_interval": int(serving.get("stream_interval") or 1),
-           "stream_interval_min_batch": int(serving.get("stream_interval_min_batch") or 2)}
+    out = {"stream_interval": int(serving.get("stream_interval") or STREAM_INTERVAL),
+           "stream_interval_min_batch": int(serving.get("stream_interval_min_batch") or STREAM_INTERVAL_MIN_BATCH)}
     for key, value in out.items():
         if value < 1:
             raise RepoError(f"{key} must be at least 1, got {value}.")

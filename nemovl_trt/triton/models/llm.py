@@ -24,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nemovl_trt.runtime import GenRequest, LlmEngine, load_engine
-from nemovl_trt.runtime.engine_api import ERROR_PREFIX
+from nemovl_trt.runtime.engine_api import ERROR_PREFIX, STREAM_INTERVAL, STREAM_INTERVAL_MIN_BATCH
 from nemovl_trt.triton.models import manifest as mf
 from nemovl_trt.triton.models.common import (
     bytes_scalar,
@@ -108,9 +108,9 @@ class TritonPythonModel:
         self.backend: LlmEngine = load_engine(kind, mf.llm_dir(engines, manifest), max_batch,
                                               llm_api_options=mf.llm_api_options(engines, manifest),
                                               dtype=params.get("dtype") or None,
-                                              stream_interval=int(params.get("stream_interval") or 1),
+                                              stream_interval=int(params.get("stream_interval") or STREAM_INTERVAL),
                                               stream_interval_min_batch=int(
-                                                  params.get("stream_interval_min_batch") or 2))
+                                                  params.get("stream_interval_min_batch") or STREAM_INTERVAL_MIN_BATCH))
 
     def _control(self, request: Any, op: dict[str, Any]) -> None:
         sender = request.get_response_sender()
