@@ -38,6 +38,19 @@ from nemovl_trt.triton.models.common import (
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+def _response(token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
+              info: str = "") -> Any:
+    """One response of the llm's decoupled stream (outputs of docs/interfaces.md "llm"): token_ids int64 [n],
+    finish_reason, info (a control op's JSON answer), index int32 [1] (the choice), logprobs JSON."""
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
+        pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
+        pb_utils.Tensor("info", bytes_tensor(info)),
+        pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
+        pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
+    ])
+
+
 class TritonSink:
     """A request's `Sink`: each message becomes one response of the decoupled stream, sent from the calling
     thread — the engine's loop thread, which also polls `is_cancelled`, so the two IPC calls on one Triton
@@ -48,8 +61,7 @@ class TritonSink:
     def __init__(self, request: Any) -> None:
         self.request = request
         self.sender = request.get_response_sender()
-        self._closed = False
-        self._final_sent = False
+        self._closed = False  # the final response went out (or is going out): nothing more is sent or asked
         self.gone = False  # a send failed: the requester went away
 
     def send(self, token_ids: list[int], finish_reason: str, index: int = 0, logprobs: dict | None = None,
@@ -63,16 +75,9 @@ class TritonSink:
             token_ids, logprobs, done = [], None, True
         final = done if done is not None else bool(finish_reason)
         self._closed = final
-        resp = pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
-            pb_utils.Tensor("finish_reason", bytes_tensor(finish_reason)),
-            pb_utils.Tensor("info", bytes_tensor("")),
-            pb_utils.Tensor("index", np.array([index], dtype=np.int32)),
-            pb_utils.Tensor("logprobs", bytes_tensor(json.dumps(logprobs) if logprobs else "")),
-        ])
+        resp = _response(token_ids, finish_reason, index=index, logprobs=logprobs)
         try:
             if final:
-                self._final_sent = True
                 self.sender.send(resp, flags=FINAL)
             else:
                 self.sender.send(resp)
@@ -82,7 +87,7 @@ class TritonSink:
     def is_cancelled(self) -> bool:
         if self.gone:
             return True
-        if self._final_sent:
+        if self._closed:
             return False
         try:
             return bool(self.request.is_cancelled())
@@ -131,13 +136,7 @@ class TritonPythonModel:
                 f"unknown control op {kind!r}; use 'cancel' or 'stats'.")),
                 flags=FINAL)
             return
-        sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.zeros((0,), dtype=np.int64)),
-            pb_utils.Tensor("finish_reason", bytes_tensor("")),
-            pb_utils.Tensor("info", bytes_tensor(json.dumps(result))),
-            pb_utils.Tensor("index", np.zeros((1,), dtype=np.int32)),
-            pb_utils.Tensor("logprobs", bytes_tensor("")),
-        ]), flags=FINAL)
+        sender.send(_response([], "", info=json.dumps(result)), flags=FINAL)
 
     def _submit(self, request: Any) -> None:
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
