@@ -139,3 +139,10 @@ def test_instance_counts_come_from_the_build_config_unless_given(cpu_engines_dir
     (engines / "manifest.json").write_text(json.dumps(manifest))
     res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "d")])
     assert res.exit_code == 1 and "preprocessor_instances must be at least 1, got 0." in res.output
+    # the stream interval from an engines dir without it: one token per response; 0 refused like the counts
+    llm_cfg = (tmp_path / "c" / "llm" / "config.pbtxt").read_text()
+    assert 'key: "stream_interval"\n  value {\n    string_value: "1"' in llm_cfg
+    manifest["serving"] = {"stream_interval": 0}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(build_cli, ["repo", "--engines", str(engines), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 1 and "stream_interval must be at least 1, got 0." in res.output

@@ -66,33 +66,29 @@ class RepoOptions:
     max_concurrency: int = 64
 
 
+def _serving_value(manifest: dict[str, Any], key: str, default: int, given: int | None = None) -> int:
+    """`given` when not None, else the manifest's `serving.<key>`, else `default`; RepoError below 1."""
+    value = given if given is not None else (manifest.get("serving") or {}).get(key)
+    if value is None:
+        return default
+    if int(value) < 1:
+        raise RepoError(f"{key} must be at least 1, got {value}.")
+    return int(value)
+
+
 def instance_counts(manifest: dict[str, Any], opts: RepoOptions) -> tuple[int, int]:
     """(preprocessor, vision_encoder) instance counts: the option when given, else the manifest's
     `serving` section, else 1."""
-    serving = manifest.get("serving") or {}
-
-    def pick(given: int | None, key: str) -> int:
-        value = given if given is not None else serving.get(key)
-        if value is None:
-            return 1
-        if int(value) < 1:
-            raise RepoError(f"{key} must be at least 1, got {value}.")
-        return int(value)
-
-    return (pick(opts.preprocessor_instances, "preprocessor_instances"),
-            pick(opts.vision_instances, "vision_instances"))
+    return (_serving_value(manifest, "preprocessor_instances", 1, opts.preprocessor_instances),
+            _serving_value(manifest, "vision_instances", 1, opts.vision_instances))
 
 
 def stream_settings(manifest: dict[str, Any]) -> dict[str, int]:
     """The llm model's `stream_interval` / `stream_interval_min_batch` from the manifest's `serving` section
     (an engines dir built before they existed: runtime.engine_api's defaults, every token its own response)."""
-    serving = manifest.get("serving") or {}
-    out = {"stream_interval": int(serving.get("stream_interval") or STREAM_INTERVAL),
-           "stream_interval_min_batch": int(serving.get("stream_interval_min_batch") or STREAM_INTERVAL_MIN_BATCH)}
-    for key, value in out.items():
-        if value < 1:
-            raise RepoError(f"{key} must be at least 1, got {value}.")
-    return out
+    return {"stream_interval": _serving_value(manifest, "stream_interval", STREAM_INTERVAL),
+            "stream_interval_min_batch": _serving_value(manifest, "stream_interval_min_batch",
+                                                        STREAM_INTERVAL_MIN_BATCH)}
 
 
 def _shim(module: str) -> str:
